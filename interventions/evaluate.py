@@ -1,0 +1,106 @@
+"""Scoring AF1: full accuracy, faithfulness and per-prompt predictions.
+
+Greedy scoring (the spec): a prompt is right when the argmax of the last position's logits is the
+answer token. ``full accuracy`` is the unmodified model's share of right prompts;
+``faithfulness`` is the share of the prompts the full model gets right that AF1 also gets right.
+
+An *executor* turns (plan, CAMA layer) into per-prompt predictions. :class:`NnsightExecutor`
+applies the plan inside nnsight traces (the reference path; also the remote path).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from .plan import AF1Plan
+from .traced import CamaLayer, apply_af1, last_token_predictions
+
+
+@dataclass(frozen=True)
+class Predictions:
+    """Per-prompt greedy predictions, in data-set order.
+
+    Attributes:
+        pred_ids: ``(N,)`` int64 argmax token at the last position.
+        answer_logits: ``(N,)`` float32 logit of the answer token.
+    """
+
+    pred_ids: np.ndarray
+    answer_logits: np.ndarray
+
+    def correct(self, answer_ids: np.ndarray) -> np.ndarray:
+        return self.pred_ids == answer_ids
+
+
+def score(full: Predictions, af1: Predictions, answer_ids: Sequence[int]) -> dict:
+    """Full accuracy, faithfulness and counts (``faithfulness`` is ``None`` when the full model
+    gets nothing right: it is undefined, not zero)."""
+    answer_ids = np.asarray(answer_ids)
+    full_ok = full.correct(answer_ids)
+    af1_ok = af1.correct(answer_ids)
+    n_full = int(full_ok.sum())
+    n_both = int((full_ok & af1_ok).sum())
+    return {
+        "faithfulness": n_both / n_full if n_full else None,
+        "full_accuracy": n_full / len(answer_ids),
+        "af1_accuracy": float(af1_ok.mean()),
+        "n_prompts": len(answer_ids),
+        "n_full_correct": n_full,
+        "n_af1_correct_of_full": n_both,
+        "n_af1_correct": int(af1_ok.sum()),
+    }
+
+
+class NnsightExecutor:
+    """Evaluates plans on one data set by applying them inside nnsight traces.
+
+    Args:
+        model: an :class:`interventions.AF1Model`.
+        prompts: the data set's prompts; answer_ids: their answer token ids.
+        batch_size: prompts per forward pass (batches hold prompts of equal token length).
+    """
+
+    name = "nnsight"
+
+    def __init__(self, model, prompts: Sequence[str], answer_ids: Sequence[int],
+                 batch_size: int = 32):
+        self.model = model
+        self.n_prompts = len(prompts)
+        self.answer_ids = torch.as_tensor(np.asarray(answer_ids), dtype=torch.long)
+        self.batches = model.encode_batches(prompts, batch_size)
+
+    def _run(self, plan: AF1Plan | None, cama: CamaLayer | None) -> Predictions:
+        pred = np.zeros(self.n_prompts, dtype=np.int64)
+        logit = np.zeros(self.n_prompts, dtype=np.float32)
+        lm, sites = self.model.lm, self.model.sites
+        with torch.no_grad():
+            for indices, enc in self.batches:
+                answers = self.answer_ids[indices]
+                with lm.trace(enc):
+                    if plan is not None:
+                        apply_af1(sites, plan, cama)
+                    ids, ans = last_token_predictions(sites, answers)
+                    ids = ids.save()
+                    ans = ans.save()
+                pred[indices] = ids.cpu().numpy()
+                logit[indices] = ans.float().cpu().numpy()
+        return Predictions(pred, logit)
+
+    def clean(self) -> Predictions:
+        """Predictions of the unmodified model."""
+        return self._run(None, None)
+
+    def run(self, plan: AF1Plan, cama: CamaLayer | None) -> Predictions:
+        """Predictions under ``plan`` (``cama``: the table layer for ``plan.l_wait``)."""
+        plan.check(self.model.n_layers)
+        return self._run(plan, cama)
+
+
+def nan_to_none(value):
+    """JSON has no NaN: undefined numbers are written as null."""
+    return None if isinstance(value, float) and math.isnan(value) else value

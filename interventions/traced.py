@@ -1,0 +1,339 @@
+"""The code that runs *inside* an nnsight trace: ABP masks, CAMA look-ups and reductions.
+
+Everything here may execute on an NDIF server, so this module imports only ``torch`` (and one
+nnsight class) and is shipped by value with remote requests (registered in
+``interventions/__init__.py``). Architecture quirks
+are resolved *outside* the trace by ``interventions.adapters`` into a :class:`ModelSites`, which
+travels with the request (its envoys pickle as references to the server's own modules).
+
+Typical use inside a user's own trace (see the README)::
+
+    with model.lm.trace(prompts):
+        apply_af1(model.sites, AF1Plan(l_wait=15, l_transfer=2), cama=table.layer(15))
+        ids = model.lm.lm_head.output[:, -1].argmax(-1).save()
+
+Shapes: ``B`` batch, ``T`` padded length (left padding), ``D`` hidden size, ``K`` table keys.
+"""
+
+import torch
+
+# nnsight's own worker bookkeeping (pinned nnsight version; also present on NDIF servers): used
+# only to find this invoke's rows when several invokes share one forward (see _invoke_rows).
+from nnsight.intervention.interleaver import Mediator
+
+
+class ModelSites:
+    """Where AF1 acts in one wrapped model (built by ``ArchAdapter.sites``; do not build by hand).
+
+    Attributes:
+        root: the nnsight model envoy (its ``.inputs`` carry ``input_ids``/``attention_mask``).
+        layers: the decoder-layer envoys, in execution order.
+        mask_index: positional index of the 4D attention mask in a layer call, or ``None``
+            when the mask is passed by keyword (resolved from the layer's signature).
+        mask_name: keyword under which the layer receives the mask.
+        attn_implementation: ``"eager"`` or ``"sdpa"``; decides the mask dtype when the model
+            itself passed none (sdpa uses its causal flag when there is no padding).
+    """
+
+    __slots__ = ("root", "layers", "mask_index", "mask_name", "attn_implementation")
+
+    def __init__(self, root, layers, mask_index, mask_name, attn_implementation):
+        self.root = root
+        self.layers = list(layers)
+        self.mask_index = mask_index
+        self.mask_name = mask_name
+        self.attn_implementation = attn_implementation
+
+    def __reduce__(self):
+        return (ModelSites, (self.root, self.layers, self.mask_index, self.mask_name,
+                             self.attn_implementation))
+
+    @property
+    def n_layers(self):
+        return len(self.layers)
+
+
+class CamaLayer:
+    """One layer of a CAMA table, the only part of a table a trace needs.
+
+    Attributes:
+        layer: the residual index ``k`` (``h_k`` enters decoder layer ``k``).
+        keys: ``(K, 2)`` int64 rows ``(position, token_id)``; token ``-1`` matches any token
+            (a position-only mean).
+        means: ``(K, D)`` float32 mean of the clean ``h_k`` over the prompts with that key.
+        kind: ``"cama"`` or ``"position_mean"``.
+    """
+
+    __slots__ = ("layer", "keys", "means", "kind")
+
+    def __init__(self, layer, keys, means, kind="cama"):
+        self.layer = int(layer)
+        self.keys = keys
+        self.means = means
+        self.kind = kind
+
+    def __reduce__(self):
+        return (CamaLayer, (self.layer, self.keys, self.means, self.kind))
+
+    def __repr__(self):
+        return f"CamaLayer(layer={self.layer}, kind={self.kind!r}, keys={tuple(self.keys.shape)[0]})"
+
+
+def prompt_layout(input_ids, attention_mask):
+    """Real-token mask and positions counted from each prompt's first real token.
+
+    Args:
+        input_ids: ``(B, T)`` token ids (left padded).
+        attention_mask: ``(B, T)`` 1 for real tokens, or ``None`` for no padding.
+    Returns:
+        ``real`` ``(B, T)`` bool and ``positions`` ``(B, T)`` int64 (0 at the sink).
+    """
+    if attention_mask is None:
+        real = torch.ones(input_ids.shape, dtype=torch.bool, device=input_ids.device)
+    else:
+        real = attention_mask.to(torch.bool)
+    positions = (real.long().cumsum(-1) - 1).clamp(min=0)
+    return real, positions
+
+
+def read_prompt(sites):
+    """Inside a trace: the batch's ``input_ids``, real-token mask and positions.
+
+    Must be called before any layer is read (nnsight serves values in execution order).
+    """
+    args, kwargs = sites.root.inputs
+    input_ids = kwargs.get("input_ids", args[0] if len(args) > 0 else None)
+    if input_ids is None:
+        raise ValueError("AF1 needs token ids in the trace input (got inputs_embeds only)")
+    real, positions = prompt_layout(input_ids, kwargs.get("attention_mask"))
+    return input_ids, real, positions
+
+
+def allowed_keys(real, last_rule, other_rule, sink=None):
+    """Which keys each query may attend to under one layer's attention rules.
+
+    Args:
+        real: ``(B, T)`` bool, real (non-padding) tokens.
+        last_rule / other_rule: ``"all"``, ``"sink_self"`` or ``"self"`` for the last real query
+            and for every other real query.
+    Returns:
+        ``(B, 1, T, T)`` bool, ``True`` where query (row) may attend to key (column). Padding
+        queries attend only to themselves (never read by real tokens; avoids empty rows).
+    """
+    batch, length = real.shape
+    device = real.device
+    idx = torch.arange(length, device=device)
+    causal = idx[None, :] <= idx[:, None]  # (T, T): key <= query
+    eye = idx[None, :] == idx[:, None]
+    all_keys = causal[None] & real[:, None, :]  # (B, T, T)
+    sink_col = real.long().argmax(-1)  # first real token of each row
+    is_sink = idx[None, :] == sink_col[:, None]  # (B, T): key column is the sink
+    sink_self = all_keys & (is_sink[:, None, :] | eye[None])
+    choices = {"all": all_keys, "sink_self": sink_self, "self": eye[None].expand(batch, -1, -1)}
+    allow = choices[other_rule].clone()
+    last = (real.long() * idx[None, :]).argmax(-1)  # last real token of each row
+    rows = torch.arange(batch, device=device)
+    allow[rows, last] = choices[last_rule][rows, last]
+    allow = torch.where(real[:, :, None], allow, eye[None])
+    return allow[:, None]
+
+
+def mask_like(allow, existing, attn_implementation, dtype):
+    """Encode an allowed-keys mask the way the layer expects it.
+
+    A boolean mask stays boolean (sdpa with padding; writing a float into one invoke's slice
+    would promote the whole batch mask), a float mask becomes an additive mask of its own
+    dtype, and where the model passed no mask (sdpa, no padding) eager gets an additive mask of
+    the hidden-state dtype and sdpa a boolean one.
+
+    Args:
+        allow: ``(B, 1, T, T)`` bool.
+        existing: the mask the model passed to this layer, or ``None``.
+        dtype: the hidden-state dtype.
+    """
+    if existing is not None:
+        allow = allow.to(existing.device)
+        if existing.dtype == torch.bool:
+            return allow
+        dtype = existing.dtype
+    elif attn_implementation != "eager":
+        return allow
+    zeros = torch.zeros(allow.shape, dtype=dtype, device=allow.device)
+    return zeros.masked_fill(~allow, torch.finfo(dtype).min)
+
+
+def match_keys(keys, input_ids, positions):
+    """Row of ``keys`` for each token: ``(B, T)`` int64, ``-1`` where no key matches.
+
+    A key ``(p, t)`` matches a token at position ``p`` with id ``t``; ``t = -1`` matches any id.
+    """
+    keys = keys.to(input_ids.device)
+    key_pos = keys[:, 0]
+    key_tok = keys[:, 1]
+    match = (key_pos == positions[..., None]) & (
+        (key_tok == input_ids[..., None]) | (key_tok == -1)
+    )  # (B, T, K)
+    found = match.any(-1)
+    first = match.int().argmax(-1)
+    return torch.where(found, first, torch.full_like(first, -1))
+
+
+def wait_replacement(plan, cama, input_ids, real, positions):
+    """Values that replace ``h_{l_wait}`` and where: ``(B, T, D)`` (or a broadcastable zero)
+    and ``(B, T)`` bool.
+
+    Every real non-sink position is replaced; the sink keeps its clean state (its state never
+    depends on other tokens, so no stage changes it).
+    """
+    where = real & (positions > 0)
+    if plan.wait_ablation == "zero":
+        return torch.zeros((), device=real.device), where
+    if cama is None:
+        raise ValueError(f"{plan!r} needs a CAMA table layer (cama=table.layer({plan.l_wait}))")
+    if cama.layer != plan.l_wait:
+        raise ValueError(f"{plan!r} replaces h_{plan.l_wait} but the CAMA layer given is "
+                         f"h_{cama.layer}")
+    wanted_kind = "position_mean" if plan.wait_ablation == "position_mean" else "cama"
+    if cama.kind != wanted_kind:
+        raise ValueError(f"{plan!r} needs a {wanted_kind!r} table layer, got {cama.kind!r}")
+    rows = match_keys(cama.keys, input_ids, positions)
+    missing = where & (rows < 0)
+    if bool(missing.any()):
+        pairs = torch.stack([positions[missing], input_ids[missing]], -1).unique(dim=0)
+        raise KeyError(
+            "CAMA table has no entry for (position, token) "
+            + ", ".join(f"({int(p)}, {int(t)})" for p, t in pairs[:8].tolist())
+            + (" ..." if len(pairs) > 8 else "")
+            + ": build the table on a data set that contains these prompts"
+        )
+    values = cama.means.to(real.device)[rows.clamp(min=0)]
+    return values, where
+
+
+def _invoke_rows(sites):
+    """``(start, total)`` of this invoke's rows when several invokes share the forward, else
+    ``None``.
+
+    Needed only where the model passed no mask (sdpa without padding): an edit of ``None`` cannot
+    be spliced into one invoke's rows, so the first invoke to edit it writes a whole-batch mask
+    (plain causal on the other invokes' rows), which later invokes then edit row-wise.
+    """
+    batcher = getattr(sites.root.interleaver, "batcher", None)
+    if batcher is None or not batcher.batching:
+        return None
+    group = Mediator.current("the attention mask").batch_group
+    if group is None:
+        return None
+    return group[0], batcher.total
+
+
+def _layer_mask(sites, args, kwargs):
+    if sites.mask_index is not None and len(args) > sites.mask_index:
+        return args[sites.mask_index]
+    return kwargs.get(sites.mask_name)
+
+
+def apply_rules(sites, rules, replace_layer=None, replacement=None, real=None):
+    """Inside a trace: restrict attention per layer and optionally overwrite one residual.
+
+    Args:
+        sites: the model's :class:`ModelSites`.
+        rules: ``{layer: (last_rule, other_rule)}``; layers not named run unchanged.
+        replace_layer: ``k`` whose input ``h_k`` is overwritten, or ``None``.
+        replacement: ``(values (B, T, D), where (B, T) bool)`` for ``replace_layer``.
+        real: ``(B, T)`` real-token mask (from :func:`read_prompt`), needed when ``rules``.
+    """
+    touched = sorted(set(rules) | ({replace_layer} if replace_layer is not None else set()))
+    allow_cache = {}
+    for k in touched:
+        layer = sites.layers[k]
+        args, kwargs = layer.inputs
+        args = list(args)
+        kwargs = dict(kwargs)
+        hidden = args[0]
+        if k == replace_layer:
+            values, where = replacement
+            where = where.to(hidden.device)
+            hidden = torch.where(where[..., None], values.to(hidden.device, hidden.dtype), hidden)
+            args[0] = hidden
+        if k in rules:
+            rule = rules[k]
+            if rule not in allow_cache:
+                allow_cache[rule] = allowed_keys(real.to(hidden.device), rule[0], rule[1])
+            allow = allow_cache[rule].to(hidden.device)
+            existing = _layer_mask(sites, args, kwargs)
+            rows = _invoke_rows(sites) if existing is None else None
+            if rows is not None:
+                start, total = rows
+                whole = torch.ones(total, allow.shape[-1], dtype=torch.bool, device=allow.device)
+                full = allowed_keys(whole, "all", "all")
+                full[start:start + allow.shape[0]] = allow
+                allow = full
+            mask = mask_like(allow, existing, sites.attn_implementation, hidden.dtype)
+            if sites.mask_index is not None and len(args) > sites.mask_index:
+                args[sites.mask_index] = mask
+            else:
+                kwargs[sites.mask_name] = mask
+        layer.inputs = (tuple(args), kwargs)
+
+
+def apply_af1(sites, plan, cama=None):
+    """Inside a trace: apply an AF1 plan to the traced batch.
+
+    Layers ``0..l_wait-1`` run unchanged; ``h_{l_wait}`` is replaced at every real non-sink
+    position (by ``cama``, a :class:`CamaLayer` for layer ``l_wait``, or as the plan's
+    ``wait_ablation`` says); transfer and compute layers get the ABP masks.
+
+    Args:
+        sites: ``model.sites`` of an :class:`interventions.AF1Model`.
+        plan: an :class:`interventions.AF1Plan`.
+        cama: ``table.layer(plan.l_wait)`` (``table.position_mean_layer`` for that ablation);
+            not needed when ``l_wait == 0`` or the ablation is ``"zero"``/``"none"``.
+    """
+    rules = plan.attention_rules(sites.n_layers)
+    input_ids, real, positions = read_prompt(sites)
+    replacement = None
+    replace_layer = None
+    if plan.replaces_residual:
+        replace_layer = plan.l_wait
+        replacement = wait_replacement(plan, cama, input_ids, real, positions)
+    apply_rules(sites, rules, replace_layer, replacement, real)
+
+
+def last_token_predictions(sites, answer_ids=None):
+    """Inside a trace, after the interventions: greedy prediction at the last position.
+
+    Returns ``(pred_ids (B,), answer_logits (B,) or None)``; small enough to ``.save()``
+    and bring back from a remote run.
+    """
+    logits = sites.root.output.logits[:, -1]
+    pred = logits.argmax(-1)
+    if answer_ids is None:
+        return pred, None
+    answer = logits.gather(-1, answer_ids.to(logits.device)[:, None])[:, 0]
+    return pred, answer
+
+
+def accumulate_residuals(sites, layers, keys, sums):
+    """Inside a clean trace: add each token's ``h_k`` to its key's running sum.
+
+    Args:
+        layers: ascending residual indices ``k`` in ``0..L`` (``h_L`` is the last layer's output).
+        keys: ``(K, 2)`` int64 table keys; tokens without a key are skipped.
+        sums: ``(len(layers), K, D)`` float64 accumulator, updated in place (and returned).
+    """
+    input_ids, real, positions = read_prompt(sites)
+    rows = match_keys(keys, input_ids, positions)
+    rows = torch.where(real, rows, torch.full_like(rows, -1)).reshape(-1)
+    keep = rows >= 0
+    rows = rows[keep].to(sums.device)
+    n_layers = sites.n_layers
+    for j, k in enumerate(layers):
+        if k < n_layers:
+            hidden = sites.layers[k].inputs[0][0]
+        else:
+            out = sites.layers[n_layers - 1].output
+            hidden = out[0] if isinstance(out, tuple) else out
+        flat = hidden.reshape(-1, hidden.shape[-1])[keep.to(hidden.device)]
+        sums[j].index_add_(0, rows, flat.to(device=sums.device, dtype=sums.dtype))
+    return sums

@@ -1,0 +1,125 @@
+#!/usr/bin/env python
+"""AF1 command line: parses flags and hands them to ``interventions.jobs.run_job``.
+
+    python run.py                      # default job on the embedded SmolLM2-135M (offline)
+    python run.py --model meta-llama/Meta-Llama-3-8B --device cuda --tasks A+B,A-B
+    python run.py --help
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from interventions.adapters import supported_architectures
+
+    parser = argparse.ArgumentParser(
+        prog="run.py",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=(
+            "All-for-One (AF1): measure how faithfully a model does mental math when tokens wait\n"
+            "through the first L_wait layers (their residual h_{L_wait} replaced by CAMA means),\n"
+            "only the last token reads the others for L_transfer layers (ABP), and the last token\n"
+            "computes alone after that. Writes results.jsonl, the data set, manifest.json and a\n"
+            "faithfulness heatmap per task to --out."),
+        epilog=(
+            "layer values: a number (5), an inclusive range (0-29) or a list (1,2,4); cells with\n"
+            "L_wait + L_transfer > L are skipped. Layers are 0-indexed; h_k enters layer k.\n"
+            f"architectures: {supported_architectures()}.\n"
+            "examples:\n"
+            "  python run.py\n"
+            "  python run.py --l-wait 10-25 --l-transfer 2 --tasks A+B,A-B\n"
+            "  python run.py --model ./my-llama-dir --template 'Q: {A} plus {B} is' --out runs/q\n"
+            "  python run.py --model meta-llama/Meta-Llama-3-8B --remote"),
+    )
+    model = parser.add_argument_group("model")
+    model.add_argument("--model", default="smollm2",
+                       help="'smollm2' (embedded SmolLM2-135M-Instruct, default), a local Hugging "
+                            "Face directory, a .gguf file, or a Hub id")
+    model.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit)")
+    model.add_argument("--device", default="auto",
+                       help="cpu, cuda, cuda:N, or auto (all GPUs via device_map='auto', else "
+                            "CPU; default)")
+    model.add_argument("--dtype", default="auto",
+                       choices=["auto", "float32", "bfloat16", "float16"],
+                       help="auto: float32 on CPU, bfloat16 on GPU")
+    model.add_argument("--attn", dest="attn_implementation", default="sdpa",
+                       choices=["sdpa", "eager"], help="attention implementation (default sdpa)")
+    model.add_argument("--remote", action="store_true",
+                       help="run on NDIF (nnsight's hosted models)")
+
+    data = parser.add_argument_group("tasks")
+    data.add_argument("--tasks", default="A+B",
+                      help="comma-separated operator forms: A+B, A-B, A+B+C, A+B-C, A-B+C, A-B-C "
+                           "(default A+B)")
+    data.add_argument("--style", default="calculate",
+                      help="input style: calculate (default), symbolic, words, question, "
+                           "instruction, story, code")
+    data.add_argument("--template", default=None,
+                      help="your own prompt with {A}, {B} (and {C}) slots; overrides --style")
+    data.add_argument("--n-prompts", type=int, default=200,
+                      help="sample at most this many prompts per task (default 200; seeded)")
+    data.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    data.add_argument("--operand-range", default=None, metavar="LO-HI",
+                      help="operand range, inclusive (default: by tokenizer, 1-99 when numbers "
+                           "are single tokens, else 1-9)")
+
+    grid = parser.add_argument_group("AF1 grid")
+    grid.add_argument("--l-wait", default=None,
+                      help="L_wait values (default: every layer 0..L-1)")
+    grid.add_argument("--l-transfer", default="1-4", help="L_transfer values (default 1-4)")
+    grid.add_argument("--cama-table", default=None,
+                      help="use this CAMA table (.safetensors) instead of the cache; it must "
+                           "match the model, data set and dtype")
+
+    run = parser.add_argument_group("run")
+    run.add_argument("--out", default=None, help="output directory (default runs/<model>)")
+    run.add_argument("--batch-size", type=int, default=32, help="prompts per forward pass")
+    run.add_argument("--cache-dir", default=None,
+                     help="cache for converted models and CAMA tables (default $AF1_CACHE or "
+                          "~/.cache/af1)")
+    run.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+
+    from interventions.errors import UserError
+    from interventions.jobs import JobConfig, run_job
+    from interventions.plan import PlanError
+
+    try:
+        if args.remote:
+            raise UserError("--remote is not available yet: remote (NDIF) runs come in a later "
+                            "release; run locally with --device")
+        operand_range = None
+        if args.operand_range:
+            lo, _, hi = args.operand_range.partition("-")
+            if not (lo.isdigit() and hi.isdigit()):
+                raise UserError(f"--operand-range takes LO-HI, got {args.operand_range!r}")
+            operand_range = (int(lo), int(hi))
+        cfg = JobConfig(
+            model=args.model, tasks=[t.strip() for t in args.tasks.split(",") if t.strip()],
+            style=args.style, template=args.template, l_wait=args.l_wait,
+            l_transfer=args.l_transfer, n_prompts=args.n_prompts, seed=args.seed,
+            operand_range=operand_range, out=args.out, batch_size=args.batch_size,
+            device=args.device, dtype=args.dtype, attn_implementation=args.attn_implementation,
+            revision=args.revision, cama_table=args.cama_table, cache_dir=args.cache_dir,
+            progress=not args.no_progress, argv=sys.argv if argv is None else ["run.py", *argv])
+        out = run_job(cfg)
+    except (UserError, PlanError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: finished cells are kept in results.jsonl; rerun to resume",
+              file=sys.stderr)
+        return 130
+    print(f"[af1] results in {out}/ (results.jsonl, manifest.json, data/, heatmaps)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,39 @@
+"""Mental-math tasks for AF1: tokenizer-aware prompt data sets with stable fingerprints.
+
+Typical use::
+
+    build = build_task(tokenizer, "A+B", style="calculate", n_prompts=200, seed=0)
+    print(build.summary())
+    # A+B/calculate: 36 prompts, operands 1..9 (81 candidates, 45 dropped: answer not a single token)
+    key = task_fingerprint(build.dataset)  # keys CAMA caches
+    save_task(build, "out/tasks/a_plus_b"); dataset = load_task("out/tasks/a_plus_b")
+"""
+
+from .arithmetic import (
+    DEFAULT_STYLE,
+    STYLES,
+    TASKS,
+    TaskBuild,
+    build_task,
+    default_operand_range,
+    number_mode,
+    template_for,
+)
+from .store import COLUMNS, load_task, save_task, task_fingerprint, task_metadata, tokenizer_identity
+
+__all__ = [
+    "COLUMNS",
+    "DEFAULT_STYLE",
+    "STYLES",
+    "TASKS",
+    "TaskBuild",
+    "build_task",
+    "default_operand_range",
+    "load_task",
+    "number_mode",
+    "save_task",
+    "task_fingerprint",
+    "task_metadata",
+    "template_for",
+    "tokenizer_identity",
+]

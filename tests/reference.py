@@ -1,0 +1,132 @@
+"""An independent AF1 implementation for tests: plain PyTorch hooks, explicit loops.
+
+Nothing here imports the toolkit's mask, CAMA or trace code. Masks are built element by element
+from the spec's wording, CAMA means by brute force over unbatched forward passes, and they are
+injected with ``register_forward_pre_hook`` on the Hugging Face modules directly.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import numpy as np
+import torch
+
+# Where each architecture's decoder layers are, and the positional index of the attention mask
+# in a GPT-2 block call (transformers 5.x: forward(hidden_states, past_key_values,
+# attention_mask, ...)). Written out here on purpose, independent of interventions.adapters.
+LAYERS = {"llama": "model.layers", "qwen2": "model.layers", "gpt_neox": "gpt_neox.layers",
+          "gptj": "transformer.h", "gpt2": "transformer.h"}
+POSITIONAL_MASK_INDEX = {"gpt2": 2}
+
+
+def decoder_layers(hf):
+    obj = hf
+    for part in LAYERS[hf.config.model_type].split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def allowed_matrix(attention_mask_row, last_rule, other_rule):
+    """(T, T) numpy bool for one prompt, by the spec's words, one entry at a time."""
+    real = [bool(x) for x in attention_mask_row]
+    length = len(real)
+    real_idx = [i for i in range(length) if real[i]]
+    sink, last = real_idx[0], real_idx[-1]
+    allow = np.zeros((length, length), dtype=bool)
+    for q in range(length):
+        if not real[q]:
+            allow[q, q] = True  # padding query: itself only
+            continue
+        rule = last_rule if q == last else other_rule
+        for k in range(length):
+            if not real[k] or k > q:
+                continue
+            if rule == "all":
+                allow[q, k] = True
+            elif rule == "sink_self":
+                allow[q, k] = k == sink or k == q
+            elif rule == "self":
+                allow[q, k] = k == q
+    return allow
+
+
+def af1_rules(n_layers, l_wait, l_transfer):
+    """{layer: (last_rule, other_rule)} of the spec's AF1 stages."""
+    rules = {}
+    for k in range(l_wait, n_layers):
+        rules[k] = ("all", "sink_self") if k < l_wait + l_transfer else ("sink_self", "sink_self")
+    return rules
+
+
+def brute_force_cama(hf, tokenizer, prompts):
+    """{(layer, position, token): mean h_layer} from one unbatched clean pass per prompt.
+
+    ``h_k`` for ``k < L`` is Hugging Face's ``hidden_states[k]``; ``h_L`` is the last decoder
+    layer's output *before* the final norm (HF's ``hidden_states[L]`` is after it).
+    """
+    sums = defaultdict(lambda: 0.0)
+    counts = defaultdict(int)
+    last_output = []
+    handle = decoder_layers(hf)[-1].register_forward_hook(
+        lambda module, args, out: last_output.append(out[0] if isinstance(out, tuple) else out))
+    with torch.no_grad():
+        for prompt in prompts:
+            ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+            hidden = hf(input_ids=ids, output_hidden_states=True).hidden_states
+            hidden = list(hidden[:-1]) + [last_output.pop()]
+            for layer, h in enumerate(hidden):
+                for t, tok in enumerate(ids[0].tolist()):
+                    sums[(layer, t, tok)] = sums[(layer, t, tok)] + h[0, t].double().numpy()
+                    counts[(layer, t, tok)] += 1
+    handle.remove()
+    return {key: sums[key] / counts[key] for key in sums}
+
+
+def af1_logits_with_hooks(hf, encoding, rules, replace_layer=None, cama=None):
+    """Logits ``(B, T, V)`` of ``hf`` under per-layer attention rules and a CAMA replacement of
+    ``h_{replace_layer}`` at real non-sink positions, with plain forward pre-hooks."""
+    mask2d = encoding["attention_mask"]
+    batch, length = mask2d.shape
+    eager = hf.config._attn_implementation == "eager"
+    mask_index = POSITIONAL_MASK_INDEX.get(hf.config.model_type)
+    dtype = next(hf.parameters()).dtype
+    handles = []
+
+    def make_hook(k):
+        def hook(module, args, kwargs):
+            args = list(args)
+            if k == replace_layer:
+                hidden = args[0].clone()
+                for b in range(batch):
+                    real_idx = [i for i in range(length) if mask2d[b, i]]
+                    for pos, i in enumerate(real_idx):
+                        if pos == 0:
+                            continue  # the sink keeps its clean state
+                        tok = int(encoding["input_ids"][b, i])
+                        hidden[b, i] = torch.as_tensor(cama[(k, pos, tok)], dtype=hidden.dtype)
+                args[0] = hidden
+            if k in rules:
+                allow = torch.stack([torch.from_numpy(allowed_matrix(mask2d[b].tolist(), *rules[k]))
+                                     for b in range(batch)])[:, None]
+                if eager:
+                    mask = torch.zeros(allow.shape, dtype=dtype).masked_fill(
+                        ~allow, torch.finfo(dtype).min)
+                else:
+                    mask = allow
+                if mask_index is not None and len(args) > mask_index:
+                    args[mask_index] = mask
+                else:
+                    kwargs["attention_mask"] = mask
+            return tuple(args), kwargs
+        return hook
+
+    for k, layer in enumerate(decoder_layers(hf)):
+        if k in rules or k == replace_layer:
+            handles.append(layer.register_forward_pre_hook(make_hook(k), with_kwargs=True))
+    try:
+        with torch.no_grad():
+            return hf(**encoding).logits
+    finally:
+        for handle in handles:
+            handle.remove()

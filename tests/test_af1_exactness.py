@@ -1,0 +1,193 @@
+"""The nnsight AF1 path against independent computations on tiny random models (all five
+architectures, eager and sdpa, batched with left padding and one prompt at a time)."""
+
+import numpy as np
+import pytest
+import torch
+
+import reference
+from conftest import wrap_tiny
+from interventions.cama import build_cama_table
+from interventions.plan import AF1Plan
+from interventions.traced import (apply_af1, apply_rules, read_prompt, wait_replacement)
+from tiny import ARCHITECTURES
+
+# Mixed lengths so a batch is left padded; digits are separate tokens.
+PROMPTS = ["Calculate: 3+4=", "3+5=", "What is 2+2? ", "Calculate: 1+7=", "7+1=",
+           "What is 6+1? "]
+IMPLS = ("eager", "sdpa")
+PLANS = [(0, 1), (1, 2), (2, 1), (3, 1), (0, 4), (2, 2)]
+
+
+def nnsight_logits(model, prompts, plan=None, table=None, rules=None):
+    enc = model.encode(prompts)
+    with torch.no_grad(), model.lm.trace(enc):
+        if plan is not None:
+            apply_af1(model.sites, plan, table.layer(plan.l_wait) if plan.replaces_residual
+                      else None)
+        if rules is not None:
+            _, real, _ = read_prompt(model.sites)
+            apply_rules(model.sites, rules, real=real)
+        logits = model.lm.output.logits.save()
+    return enc, logits
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+@pytest.mark.parametrize("attn", IMPLS)
+def test_explicit_full_causal_mask_reproduces_clean_logits(arch, attn, digit_tok):
+    model = wrap_tiny(arch, digit_tok, attn)
+    enc, clean = nnsight_logits(model, PROMPTS)
+    everywhere = {k: ("all", "all") for k in range(model.n_layers)}
+    _, masked = nnsight_logits(model, PROMPTS, rules=everywhere)
+    real = enc["attention_mask"].bool()
+    assert torch.equal(clean[real], masked[real])
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+@pytest.mark.parametrize("attn", IMPLS)
+def test_af1_trace_equals_independent_hook_implementation(arch, attn, digit_tok):
+    model = wrap_tiny(arch, digit_tok, attn)
+    table = build_cama_table(model, PROMPTS, "test", progress=False, batch_size=4)
+    cama = reference.brute_force_cama(model.hf, digit_tok, PROMPTS)
+    for l_wait, l_transfer in PLANS:
+        plan = AF1Plan(l_wait, l_transfer)
+        rules = reference.af1_rules(model.n_layers, l_wait, l_transfer)
+        replace = l_wait if l_wait > 0 else None
+        # Batched with left padding.
+        enc, ours = nnsight_logits(model, PROMPTS, plan, table)
+        theirs = reference.af1_logits_with_hooks(model.hf, enc, rules, replace, cama)
+        real = enc["attention_mask"].bool()
+        torch.testing.assert_close(ours[real], theirs[real], atol=2e-5, rtol=1e-5)
+        assert torch.equal(ours[:, -1].argmax(-1), theirs[:, -1].argmax(-1))
+        # One prompt at a time: the same last-token logits as in the padded batch.
+        for i, prompt in enumerate(PROMPTS):
+            enc1, one = nnsight_logits(model, [prompt], plan, table)
+            ref1 = reference.af1_logits_with_hooks(model.hf, enc1, rules, replace, cama)
+            torch.testing.assert_close(one[0, -1], ref1[0, -1], atol=2e-5, rtol=1e-5)
+            torch.testing.assert_close(one[0, -1], ours[i, -1], atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_attention_is_zero_exactly_where_forbidden(arch, digit_tok):
+    model = wrap_tiny(arch, digit_tok, "eager")
+    plan = AF1Plan(1, 2)
+    rules = reference.af1_rules(model.n_layers, 1, 2)
+    table = build_cama_table(model, PROMPTS, "test", progress=False)
+    captured = {}
+    handles = []
+    for k, layer in enumerate(model.adapter.layer_modules(model.hf)):
+        attention = model.adapter.attention_module(layer)
+        handles.append(attention.register_forward_hook(
+            lambda module, args, out, k=k: captured.__setitem__(k, out[1].detach())))
+    try:
+        enc, _ = nnsight_logits(model, PROMPTS, plan, table)
+    finally:
+        for handle in handles:
+            handle.remove()
+    mask2d = enc["attention_mask"]
+    for k, rule in rules.items():
+        probs = captured[k]  # (B, H, T, T)
+        for b in range(len(PROMPTS)):
+            allow = torch.from_numpy(reference.allowed_matrix(mask2d[b].tolist(), *rule))
+            real = mask2d[b].bool()
+            rows = probs[b][:, real][:, :, real]  # real queries x real keys, every head
+            allowed = allow[real][:, real].expand_as(rows)
+            assert torch.all(rows[~allowed] == 0), f"layer {k}: forbidden key got attention"
+            assert torch.all(rows[allowed] > 0), f"layer {k}: allowed key got no attention"
+    # Layers before L_wait are untouched: ordinary causal attention.
+    real = mask2d[0].bool()
+    probs = captured[0][0][:, real][:, :, real]
+    causal = torch.ones(probs.shape[-2:], dtype=torch.bool).tril()
+    assert torch.all(probs[:, causal] > 0) and torch.all(probs[:, ~causal] == 0)
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_cama_table_equals_brute_force_group_mean(arch, number_tok):
+    model = wrap_tiny(arch, number_tok, "sdpa")
+    prompts = ["12+30=", "12+7=", "5+30=", "12+30=", "What is 5+7? ", "What is 12+7? ", "9+9="]
+    table = build_cama_table(model, prompts, "test", batch_size=2, progress=False)
+    expected = reference.brute_force_cama(model.hf, number_tok, prompts)
+    keys = {(int(p), int(t)) for p, t in table.keys.tolist()}
+    assert keys == {(p, t) for (_, p, t) in expected}
+    for (layer, pos, tok), mean in expected.items():
+        got = table.lookup(layer, torch.tensor([pos]), torch.tensor([tok]))[0]
+        np.testing.assert_allclose(got.numpy(), mean, atol=2e-5, rtol=1e-5)
+    # Position-only means: the count-weighted average of that position's CAMA rows.
+    layer = 2
+    for i, pos in enumerate(table.position_keys.tolist()):
+        rows = [(mean, c) for (k, p, t), mean in expected.items() if k == layer and p == pos
+                for c in [sum(1 for q in prompts if _token_at(number_tok, q, p) == t)]]
+        want = sum(m * c for m, c in rows) / sum(c for _, c in rows)
+        np.testing.assert_allclose(table.position_means[table.layers.index(layer), i].numpy(),
+                                   want, atol=2e-5, rtol=1e-5)
+
+
+def _token_at(tokenizer, prompt, position):
+    ids = tokenizer(prompt)["input_ids"]
+    return ids[position] if position < len(ids) else None
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_l_wait_zero_is_identity_and_cama_of_h0_is_the_embedding(arch, digit_tok):
+    model = wrap_tiny(arch, digit_tok, "sdpa")
+    assert not AF1Plan(0, 3).replaces_residual
+    table = build_cama_table(model, PROMPTS, "test", progress=False)
+    enc, clean = nnsight_logits(model, PROMPTS)
+    # h_0 depends only on (position, token): replacing it by its CAMA mean changes nothing.
+    with torch.no_grad(), model.lm.trace(enc):
+        ids, real, pos = read_prompt(model.sites)
+        replacement = wait_replacement(AF1Plan(0, 0), table.layer(0), ids, real, pos)
+        apply_rules(model.sites, {}, 0, replacement, real)
+        logits = model.lm.output.logits.save()
+    mask = enc["attention_mask"].bool()
+    torch.testing.assert_close(logits[mask], clean[mask], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_cama_of_identical_prompts_changes_nothing_at_any_layer(arch, number_tok):
+    model = wrap_tiny(arch, number_tok, "eager")
+    prompts = ["What is 12+30? "] * 5
+    table = build_cama_table(model, prompts, "test", batch_size=5, progress=False)
+    enc, clean = nnsight_logits(model, prompts)
+    for k in range(1, model.n_layers + 1):
+        if k == model.n_layers:
+            continue  # h_L feeds no layer
+        with torch.no_grad(), model.lm.trace(enc):
+            ids, real, pos = read_prompt(model.sites)
+            replacement = wait_replacement(AF1Plan(k, 0), table.layer(k), ids, real, pos)
+            apply_rules(model.sites, {}, k, replacement, real)
+            logits = model.lm.output.logits.save()
+        assert torch.equal(logits, clean), f"CAMA at h_{k} changed identical prompts"
+
+
+def test_cama_layer_mismatch_and_missing_key_are_clear_errors(digit_tok):
+    model = wrap_tiny("llama", digit_tok, "sdpa")
+    table = build_cama_table(model, ["3+4="], "test", progress=False)
+    enc = model.encode(["3+5="])
+    with pytest.raises(KeyError, match=r"no entry for \(position, token\) \(2, "):
+        with torch.no_grad(), model.lm.trace(enc):
+            apply_af1(model.sites, AF1Plan(2, 1), table.layer(2))
+    with pytest.raises(ValueError, match="replaces h_2 but the CAMA layer given is h_1"):
+        with torch.no_grad(), model.lm.trace(model.encode(["3+4="])):
+            apply_af1(model.sites, AF1Plan(2, 1), table.layer(1))
+
+
+@pytest.mark.parametrize("attn", IMPLS)
+@pytest.mark.parametrize("pair", [("4+4=", "3+5="), ("Calculate: 3+4=", "3+5=")],
+                         ids=["same-length", "padded"])
+def test_af1_in_one_of_several_invokes_leaves_the_others_clean(attn, pair, digit_tok):
+    """A notebook trace with several invokes: AF1 in the first must not leak into the second
+    (with sdpa and no padding the model passes no mask at all, the hard case)."""
+    model = wrap_tiny("gpt2", digit_tok, attn)
+    table = build_cama_table(model, list(pair), "test", progress=False)
+    plan = AF1Plan(2, 1)
+    with torch.no_grad(), model.lm.trace() as tracer:
+        with tracer.invoke([pair[0]]):
+            apply_af1(model.sites, plan, table.layer(2))
+            af1_in_batch = model.lm.output.logits[:, -1].save()
+        with tracer.invoke([pair[1]]):
+            clean_in_batch = model.lm.output.logits[:, -1].save()
+    _, af1_alone = nnsight_logits(model, [pair[0]], plan, table)
+    _, clean_alone = nnsight_logits(model, [pair[1]])
+    torch.testing.assert_close(af1_in_batch, af1_alone[:, -1], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(clean_in_batch, clean_alone[:, -1], atol=1e-5, rtol=1e-5)
