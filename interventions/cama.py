@@ -76,6 +76,14 @@ class CamaTable:
         keys = torch.stack([self.position_keys, torch.full_like(self.position_keys, -1)], -1)
         return CamaLayer(layer, keys, self.position_means[self._row(layer)], "position_mean")
 
+    def for_intervention(self, intervention) -> CamaLayer | None:
+        """The table layer an intervention's residual replacement needs (``None`` if none)."""
+        if intervention.replacement == "cama":
+            return self.layer(intervention.replace_layer)
+        if intervention.replacement == "position_mean":
+            return self.position_mean_layer(intervention.replace_layer)
+        return None
+
     def lookup(self, layer: int, positions: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """Means for given positions and tokens (any equal shapes ``S``) -> ``(*S, D)``.
 

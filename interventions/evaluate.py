@@ -10,15 +10,14 @@ applies the plan inside nnsight traces (the reference path; also the remote path
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
 
-from .plan import AF1Plan
-from .traced import CamaLayer, apply_af1, last_token_predictions
+from .plan import AF1Plan, Intervention, as_intervention
+from .traced import CamaLayer, apply_intervention, last_token_predictions
 
 
 @dataclass(frozen=True)
@@ -57,7 +56,9 @@ def score(full: Predictions, af1: Predictions, answer_ids: Sequence[int]) -> dic
 
 
 class NnsightExecutor:
-    """Evaluates plans on one data set by applying them inside nnsight traces.
+    """Evaluates interventions on one data set by applying them inside nnsight traces.
+
+    The reference path: every other executor is tested against it.
 
     Args:
         model: an :class:`interventions.AF1Model`.
@@ -74,7 +75,7 @@ class NnsightExecutor:
         self.answer_ids = torch.as_tensor(np.asarray(answer_ids), dtype=torch.long)
         self.batches = model.encode_batches(prompts, batch_size)
 
-    def _run(self, plan: AF1Plan | None, cama: CamaLayer | None) -> Predictions:
+    def _run(self, intervention: Intervention | None, cama: CamaLayer | None) -> Predictions:
         pred = np.zeros(self.n_prompts, dtype=np.int64)
         logit = np.zeros(self.n_prompts, dtype=np.float32)
         lm, sites = self.model.lm, self.model.sites
@@ -82,8 +83,8 @@ class NnsightExecutor:
             for indices, enc in self.batches:
                 answers = self.answer_ids[indices]
                 with lm.trace(enc):
-                    if plan is not None:
-                        apply_af1(sites, plan, cama)
+                    if intervention is not None:
+                        apply_intervention(sites, intervention, cama)
                     ids, ans = last_token_predictions(sites, answers)
                     ids = ids.save()
                     ans = ans.save()
@@ -95,12 +96,18 @@ class NnsightExecutor:
         """Predictions of the unmodified model."""
         return self._run(None, None)
 
-    def run(self, plan: AF1Plan, cama: CamaLayer | None) -> Predictions:
-        """Predictions under ``plan`` (``cama``: the table layer for ``plan.l_wait``)."""
-        plan.check(self.model.n_layers)
-        return self._run(plan, cama)
+    def run(self, plan: AF1Plan | Intervention, cama: CamaLayer | None = None) -> Predictions:
+        """Predictions under an AF1 plan or a general intervention (``cama``: the table layer
+        its residual replacement needs, if any)."""
+        return self._run(as_intervention(plan, self.model.n_layers), cama)
 
+    def run_many(self, cells: Iterable[tuple[Any, AF1Plan | Intervention, CamaLayer | None]]
+                 ) -> Iterator[tuple[Any, Predictions]]:
+        """Evaluate many cells; yields ``(tag, predictions)`` as each finishes.
 
-def nan_to_none(value):
-    """JSON has no NaN: undefined numbers are written as null."""
-    return None if isinstance(value, float) and math.isnan(value) else value
+        ``cells`` holds ``(tag, plan_or_intervention, cama_layer)``. Executors that share work
+        between cells (the fast executor) or group them into requests (remote) override this;
+        callers consume results as they come so that finished cells are saved at once.
+        """
+        for tag, plan, cama in cells:
+            yield tag, self.run(plan, cama)

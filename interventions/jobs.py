@@ -130,6 +130,12 @@ def run_job(cfg: JobConfig) -> Path:
     """Run the default AF1 job described by ``cfg``; returns the output directory."""
     from tasks import build_task, save_task, task_fingerprint
 
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()  # saving a few hundred rows needs no bar
+    if not cfg.progress:
+        transformers.utils.logging.disable_progress_bar()
     started = time.time()
     timings: dict[str, float] = {}
     out = Path(cfg.out) if cfg.out else default_out(cfg.model)
@@ -241,17 +247,23 @@ def _run_grid(log: ResultsLog, executor: NnsightExecutor, full: Predictions, ans
     base = {"experiment": "sweep", "task": first["task"], "style": first["style"],
             "dataset_fingerprint": fingerprint, "layer": None}
     todo = [p for p in plans if cell_key({**base, **p.to_dict()}) not in log]
-    bar = tqdm(todo, desc=f"AF1 grid {first['task']}", unit="cell", disable=not progress)
-    for plan in bar:
-        t = time.time()
-        preds = executor.run(plan, table.layer(plan.l_wait) if plan.replaces_residual else None)
+    n_layers = executor.model.n_layers
+    cells = [(plan, plan, table.for_intervention(plan.intervention(n_layers))) for plan in todo]
+    bar = tqdm(total=len(todo), desc=f"AF1 grid {first['task']}", unit="cell",
+               disable=not progress)
+    started = time.time()
+    for plan, preds in executor.run_many(cells):
         row = {**base, **plan.to_dict(), **score(full, preds, answers),
-               "executor": executor.name, "model_fingerprint":
-               executor.model.identity.fingerprint, "seconds": round(time.time() - t, 4),
+               "executor": executor.name,
+               "model_fingerprint": executor.model.identity.fingerprint,
+               "seconds": round(time.time() - started, 4),
                "pred_ids": preds.pred_ids.tolist()}
+        started = time.time()
         log.append(row)
+        bar.update()
         bar.set_postfix(l_wait=plan.l_wait, l_transfer=plan.l_transfer,
                         faith=f"{row['faithfulness'] or 0:.2f}")
+    bar.close()
     return len(todo)
 
 

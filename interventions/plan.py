@@ -125,3 +125,70 @@ class AF1Plan:
             else:
                 rules[layer] = (restricted, restricted)
         return rules
+
+    def intervention(self, n_layers):
+        """The plan as an :class:`Intervention` on a model with ``n_layers`` layers."""
+        return Intervention(
+            self.attention_rules(n_layers),
+            self.l_wait if self.replaces_residual else None,
+            self.wait_ablation if self.replaces_residual else None,
+        )
+
+
+class Intervention:
+    """What is changed in one forward pass, layer by layer: the common form of every experiment.
+
+    Args:
+        rules: ``{layer: (last_query_rule, other_query_rule)}``; layers not named run unchanged.
+        replace_layer: ``k`` whose input residual ``h_k`` is overwritten at every real non-sink
+            position, or ``None``.
+        replacement: ``"cama"``, ``"position_mean"`` or ``"zero"`` (``None`` iff no replacement).
+    """
+
+    __slots__ = ("rules", "replace_layer", "replacement")
+
+    def __init__(self, rules, replace_layer=None, replacement=None):
+        for layer, rule in rules.items():
+            if len(rule) != 2 or any(r not in ATTENTION_RULES for r in rule):
+                raise PlanError(f"layer {layer}: attention rule must be two of {ATTENTION_RULES}, "
+                                f"got {rule!r}")
+        if (replace_layer is None) != (replacement is None):
+            raise PlanError("replace_layer and replacement go together")
+        if replacement is not None and replacement not in ("cama", "position_mean", "zero"):
+            raise PlanError(f"replacement must be cama, position_mean or zero, got {replacement!r}")
+        object.__setattr__(self, "rules", {int(k): tuple(v) for k, v in sorted(rules.items())})
+        object.__setattr__(self, "replace_layer", replace_layer)
+        object.__setattr__(self, "replacement", replacement)
+
+    def __setattr__(self, name, value):
+        raise AttributeError("Intervention is immutable")
+
+    def __reduce__(self):
+        return (Intervention, (self.rules, self.replace_layer, self.replacement))
+
+    def __eq__(self, other):
+        return (isinstance(other, Intervention) and self.rules == other.rules
+                and self.replace_layer == other.replace_layer
+                and self.replacement == other.replacement)
+
+    def __hash__(self):
+        return hash((tuple(self.rules.items()), self.replace_layer, self.replacement))
+
+    def __repr__(self):
+        return (f"Intervention({len(self.rules)} restricted layers, replace_layer="
+                f"{self.replace_layer}, replacement={self.replacement!r})")
+
+    @property
+    def needs_table(self):
+        """Whether a CAMA table layer must be supplied (``cama`` or ``position_mean``)."""
+        return self.replacement in ("cama", "position_mean")
+
+
+def as_intervention(plan_or_intervention, n_layers):
+    """Accept an :class:`AF1Plan` or an :class:`Intervention`; return the latter."""
+    if isinstance(plan_or_intervention, Intervention):
+        for layer in plan_or_intervention.rules:
+            if not 0 <= layer < n_layers:
+                raise PlanError(f"layer {layer} outside the model's 0..{n_layers - 1}")
+        return plan_or_intervention
+    return plan_or_intervention.intervention(n_layers)

@@ -178,24 +178,26 @@ def match_keys(keys, input_ids, positions):
     return torch.where(found, first, torch.full_like(first, -1))
 
 
-def wait_replacement(plan, cama, input_ids, real, positions):
-    """Values that replace ``h_{l_wait}`` and where: ``(B, T, D)`` (or a broadcastable zero)
-    and ``(B, T)`` bool.
+def wait_replacement(intervention, cama, input_ids, real, positions):
+    """Values that replace ``h_{replace_layer}`` and where: ``(B, T, D)`` (or a broadcastable
+    zero) and ``(B, T)`` bool.
 
     Every real non-sink position is replaced; the sink keeps its clean state (its state never
     depends on other tokens, so no stage changes it).
     """
     where = real & (positions > 0)
-    if plan.wait_ablation == "zero":
+    layer = intervention.replace_layer
+    if intervention.replacement == "zero":
         return torch.zeros((), device=real.device), where
     if cama is None:
-        raise ValueError(f"{plan!r} needs a CAMA table layer (cama=table.layer({plan.l_wait}))")
-    if cama.layer != plan.l_wait:
-        raise ValueError(f"{plan!r} replaces h_{plan.l_wait} but the CAMA layer given is "
+        raise ValueError(f"replacing h_{layer} needs a CAMA table layer "
+                         f"(cama=table.layer({layer}))")
+    if cama.layer != layer:
+        raise ValueError(f"the intervention replaces h_{layer} but the CAMA layer given is "
                          f"h_{cama.layer}")
-    wanted_kind = "position_mean" if plan.wait_ablation == "position_mean" else "cama"
-    if cama.kind != wanted_kind:
-        raise ValueError(f"{plan!r} needs a {wanted_kind!r} table layer, got {cama.kind!r}")
+    if cama.kind != intervention.replacement:
+        raise ValueError(f"replacing h_{layer} by {intervention.replacement!r} needs a "
+                         f"{intervention.replacement!r} table layer, got {cama.kind!r}")
     rows = match_keys(cama.keys, input_ids, positions)
     missing = where & (rows < 0)
     if bool(missing.any()):
@@ -277,6 +279,21 @@ def apply_rules(sites, rules, replace_layer=None, replacement=None, real=None):
         layer.inputs = (tuple(args), kwargs)
 
 
+def apply_intervention(sites, intervention, cama=None):
+    """Inside a trace: apply an :class:`interventions.plan.Intervention` to the traced batch.
+
+    Args:
+        sites: ``model.sites`` of an :class:`interventions.AF1Model`.
+        intervention: per-layer attention rules and an optional residual replacement.
+        cama: the :class:`CamaLayer` for ``intervention.replace_layer`` when it needs one.
+    """
+    input_ids, real, positions = read_prompt(sites)
+    replacement = None
+    if intervention.replace_layer is not None:
+        replacement = wait_replacement(intervention, cama, input_ids, real, positions)
+    apply_rules(sites, intervention.rules, intervention.replace_layer, replacement, real)
+
+
 def apply_af1(sites, plan, cama=None):
     """Inside a trace: apply an AF1 plan to the traced batch.
 
@@ -290,14 +307,7 @@ def apply_af1(sites, plan, cama=None):
         cama: ``table.layer(plan.l_wait)`` (``table.position_mean_layer`` for that ablation);
             not needed when ``l_wait == 0`` or the ablation is ``"zero"``/``"none"``.
     """
-    rules = plan.attention_rules(sites.n_layers)
-    input_ids, real, positions = read_prompt(sites)
-    replacement = None
-    replace_layer = None
-    if plan.replaces_residual:
-        replace_layer = plan.l_wait
-        replacement = wait_replacement(plan, cama, input_ids, real, positions)
-    apply_rules(sites, rules, replace_layer, replacement, real)
+    apply_intervention(sites, plan.intervention(sites.n_layers), cama)
 
 
 def last_token_predictions(sites, answer_ids=None):

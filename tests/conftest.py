@@ -11,11 +11,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import tiny  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def _isolated_cache(tmp_path_factory, monkeypatch):
-    """Every test gets its own AF1 cache unless it shares the SmolLM2 conversion."""
-    shared = os.environ.get("AF1_TEST_SHARED_CACHE")
-    monkeypatch.setenv("AF1_CACHE", shared or str(tmp_path_factory.mktemp("af1cache")))
+@pytest.fixture(scope="session", autouse=True)
+def _session_cache(tmp_path_factory):
+    """One AF1 cache per test session (never the user's ~/.cache/af1). Entries are keyed by
+    content, so sharing is safe, and the SmolLM2 conversion (about 20 s) happens once."""
+    previous = os.environ.get("AF1_CACHE")
+    os.environ["AF1_CACHE"] = str(tmp_path_factory.mktemp("af1cache"))
+    yield
+    if previous is None:
+        os.environ.pop("AF1_CACHE", None)
+    else:
+        os.environ["AF1_CACHE"] = previous
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,8 @@ import reference
 from conftest import wrap_tiny
 from interventions.cama import build_cama_table
 from interventions.plan import AF1Plan
-from interventions.traced import (apply_af1, apply_rules, read_prompt, wait_replacement)
+from interventions.plan import Intervention
+from interventions.traced import apply_af1, apply_intervention, apply_rules, read_prompt
 from tiny import ARCHITECTURES
 
 # Mixed lengths so a batch is left padded; digits are separate tokens.
@@ -135,9 +136,7 @@ def test_l_wait_zero_is_identity_and_cama_of_h0_is_the_embedding(arch, digit_tok
     enc, clean = nnsight_logits(model, PROMPTS)
     # h_0 depends only on (position, token): replacing it by its CAMA mean changes nothing.
     with torch.no_grad(), model.lm.trace(enc):
-        ids, real, pos = read_prompt(model.sites)
-        replacement = wait_replacement(AF1Plan(0, 0), table.layer(0), ids, real, pos)
-        apply_rules(model.sites, {}, 0, replacement, real)
+        apply_intervention(model.sites, Intervention({}, 0, "cama"), table.layer(0))
         logits = model.lm.output.logits.save()
     mask = enc["attention_mask"].bool()
     torch.testing.assert_close(logits[mask], clean[mask], atol=1e-5, rtol=1e-5)
@@ -153,9 +152,7 @@ def test_cama_of_identical_prompts_changes_nothing_at_any_layer(arch, number_tok
         if k == model.n_layers:
             continue  # h_L feeds no layer
         with torch.no_grad(), model.lm.trace(enc):
-            ids, real, pos = read_prompt(model.sites)
-            replacement = wait_replacement(AF1Plan(k, 0), table.layer(k), ids, real, pos)
-            apply_rules(model.sites, {}, k, replacement, real)
+            apply_intervention(model.sites, Intervention({}, k, "cama"), table.layer(k))
             logits = model.lm.output.logits.save()
         assert torch.equal(logits, clean), f"CAMA at h_{k} changed identical prompts"
 
