@@ -22,14 +22,23 @@ def build_parser() -> argparse.ArgumentParser:
             "All-for-One (AF1): measure how faithfully a model does mental math when tokens wait\n"
             "through the first L_wait layers (their residual h_{L_wait} replaced by CAMA means),\n"
             "only the last token reads the others for L_transfer layers (ABP), and the last token\n"
-            "computes alone after that. Writes results.jsonl, the data set, manifest.json and a\n"
-            "faithfulness heatmap per task to --out."),
+            "computes alone after that. Writes results.jsonl, the data sets, manifest.json and\n"
+            "every figure to --out; rerunning the same command resumes where it stopped.\n\n"
+            "experiments (--experiments, comma list or all; default sweep):\n"
+            "  sweep          faithfulness over the L_wait x L_transfer grid, and the AF1 search\n"
+            "                 (frontier per L_transfer, AF1 configuration at --threshold)\n"
+            "  necessity      last token barred from non-sink tokens in one window of 1-4 layers\n"
+            "  alternatives   CAMA vs zero / position mean / no wait; ABP vs all peek / no sink\n"
+            "  styles         the six input styles x {A+B, A-B} at the AF1 configuration\n"
+            "  three_operand  AF1 on A+B+C, A+B-C, A-B+C, A-B-C, and a partial-result probe"),
         epilog=(
             "layer values: a number (5), an inclusive range (0-29) or a list (1,2,4); cells with\n"
             "L_wait + L_transfer > L are skipped. Layers are 0-indexed; h_k enters layer k.\n"
             f"architectures: {supported_architectures()}.\n"
+            "figures: python -m figures RESULTS_DIR rebuilds them from saved results.\n"
             "examples:\n"
             "  python run.py\n"
+            "  python run.py --experiments all\n"
             "  python run.py --l-wait 10-25 --l-transfer 2 --tasks A+B,A-B\n"
             "  python run.py --model ./my-llama-dir --template 'Q: {A} plus {B} is' --out runs/q\n"
             "  python run.py --model meta-llama/Meta-Llama-3-8B --remote"),
@@ -47,8 +56,21 @@ def build_parser() -> argparse.ArgumentParser:
                        help="auto: float32 on CPU, bfloat16 on GPU")
     model.add_argument("--attn", dest="attn_implementation", default="sdpa",
                        choices=["sdpa", "eager"], help="attention implementation (default sdpa)")
-    model.add_argument("--remote", action="store_true",
-                       help="run on NDIF (nnsight's hosted models)")
+    remote = parser.add_argument_group("remote (NDIF)")
+    remote.add_argument("--remote", action="store_true",
+                        help="run every experiment on NDIF (needs NDIF_API_KEY; checks the key, "
+                             "nnsight version and that the model is hosted before any work)")
+    remote.add_argument("--dry-run", action="store_true",
+                        help="with --remote: print the requests, configurations and bytes the "
+                             "job would send, and send nothing")
+    remote.add_argument("--submit", action="store_true",
+                        help="with --remote: submit the sweep/necessity requests and exit; "
+                             "rerun without --submit to collect them")
+    remote.add_argument("--cells-per-request", type=int, default=32,
+                        help="configurations per NDIF request (default 32)")
+    remote.add_argument("--remote-backend", default="remote", choices=["remote", "local"],
+                        help="local: run the remote path here against local weights, "
+                             "serialized exactly as for NDIF (the offline test)")
 
     data = parser.add_argument_group("tasks")
     data.add_argument("--tasks", default="A+B",
@@ -66,7 +88,15 @@ def build_parser() -> argparse.ArgumentParser:
                       help="operand range, inclusive (default: by tokenizer, 1-99 when numbers "
                            "are single tokens, else 1-9)")
 
-    grid = parser.add_argument_group("AF1 grid")
+    grid = parser.add_argument_group("experiments and AF1 grid")
+    grid.add_argument("--experiments", default="sweep",
+                      help="sweep, necessity, alternatives, styles, three_operand (comma list) "
+                           "or all (default sweep)")
+    grid.add_argument("--threshold", type=float, default=0.9,
+                      help="faithfulness the AF1 search requires (default 0.9)")
+    grid.add_argument("--af1-config", default=None, metavar="L_WAIT,L_TRANSFER",
+                      help="use this AF1 configuration for alternatives/styles/three_operand "
+                           "instead of searching the sweep")
     grid.add_argument("--l-wait", default=None,
                       help="L_wait values (default: every layer 0..L-1)")
     grid.add_argument("--l-transfer", default="1-4", help="L_transfer values (default 1-4)")
@@ -77,6 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     run = parser.add_argument_group("run")
     run.add_argument("--out", default=None, help="output directory (default runs/<model>)")
     run.add_argument("--batch-size", type=int, default=32, help="prompts per forward pass")
+    run.add_argument("--executor", default="nnsight", choices=["nnsight"],
+                     help="how cells are evaluated locally: nnsight (reference path)")
     run.add_argument("--cache-dir", default=None,
                      help="cache for converted models and CAMA tables (default $AF1_CACHE or "
                           "~/.cache/af1)")
@@ -92,9 +124,6 @@ def main(argv: list[str] | None = None) -> int:
     from interventions.plan import PlanError
 
     try:
-        if args.remote:
-            raise UserError("--remote is not available yet: remote (NDIF) runs come in a later "
-                            "release; run locally with --device")
         operand_range = None
         if args.operand_range:
             lo, _, hi = args.operand_range.partition("-")
@@ -102,12 +131,16 @@ def main(argv: list[str] | None = None) -> int:
                 raise UserError(f"--operand-range takes LO-HI, got {args.operand_range!r}")
             operand_range = (int(lo), int(hi))
         cfg = JobConfig(
-            model=args.model, tasks=[t.strip() for t in args.tasks.split(",") if t.strip()],
+            model=args.model, experiments=args.experiments, threshold=args.threshold,
+            af1_config=args.af1_config, executor=args.executor,
+            tasks=[t.strip() for t in args.tasks.split(",") if t.strip()],
             style=args.style, template=args.template, l_wait=args.l_wait,
             l_transfer=args.l_transfer, n_prompts=args.n_prompts, seed=args.seed,
             operand_range=operand_range, out=args.out, batch_size=args.batch_size,
             device=args.device, dtype=args.dtype, attn_implementation=args.attn_implementation,
             revision=args.revision, cama_table=args.cama_table, cache_dir=args.cache_dir,
+            remote=args.remote, remote_backend=args.remote_backend, dry_run=args.dry_run,
+            submit=args.submit, cells_per_request=args.cells_per_request,
             progress=not args.no_progress, argv=sys.argv if argv is None else ["run.py", *argv])
         out = run_job(cfg)
     except (UserError, PlanError) as err:
@@ -117,7 +150,8 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted: finished cells are kept in results.jsonl; rerun to resume",
               file=sys.stderr)
         return 130
-    print(f"[af1] results in {out}/ (results.jsonl, manifest.json, data/, heatmaps)")
+    if not args.dry_run:
+        print(f"[af1] results in {out}/ (results.jsonl, manifest.json, data/, figures/)")
     return 0
 
 

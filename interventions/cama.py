@@ -68,13 +68,18 @@ class CamaTable:
         return self.layers.index(layer)
 
     def layer(self, layer: int) -> CamaLayer:
-        """The CAMA means of ``h_layer``: what ``apply_af1`` needs for ``l_wait = layer``."""
-        return CamaLayer(layer, self.keys, self.means[self._row(layer)], "cama")
+        """The CAMA means of ``h_layer``: what ``apply_af1`` needs for ``l_wait = layer``.
+
+        The means are a copy, not a view: a pickled view carries its whole storage, so a view
+        sent with a remote trace would upload every layer of the table.
+        """
+        return CamaLayer(layer, self.keys, self.means[self._row(layer)].clone(), "cama")
 
     def position_mean_layer(self, layer: int) -> CamaLayer:
         """Position-only means of ``h_layer`` (the "position mean" alternative to CAMA)."""
         keys = torch.stack([self.position_keys, torch.full_like(self.position_keys, -1)], -1)
-        return CamaLayer(layer, keys, self.position_means[self._row(layer)], "position_mean")
+        return CamaLayer(layer, keys, self.position_means[self._row(layer)].clone(),
+                         "position_mean")
 
     def for_intervention(self, intervention) -> CamaLayer | None:
         """The table layer an intervention's residual replacement needs (``None`` if none)."""
@@ -162,9 +167,32 @@ def table_keys(encodings: Sequence[dict]) -> tuple[torch.Tensor, torch.Tensor]:
     return keys, counts
 
 
+def local_residual_sums(model, encodings: Sequence[dict], layers: Sequence[int],
+                        keys: torch.Tensor, progress: bool = True) -> torch.Tensor:
+    """The default runner of :func:`build_cama_table`: clean traces on the local model.
+
+    Args:
+        encodings: the batches (``input_ids``/``attention_mask`` ``(B, T)``, left padded).
+        layers: ascending residual indices ``k`` in ``0..L``.
+        keys: ``(K, 2)`` int64 table keys (every key of the real tokens of ``encodings``).
+    Returns:
+        ``(len(layers), K, D)`` float64 sums of the clean ``h_k`` per key, on the CPU.
+    """
+    hidden = model.hf.config.hidden_size  # GPT-2/GPT-J configs alias n_embd to this
+    device = model.device
+    sums = torch.zeros(len(layers), len(keys), hidden, dtype=torch.float64, device=device)
+    keys_dev = keys.to(device)
+    bar = tqdm(encodings, desc="CAMA table", unit="batch", disable=not progress, leave=False)
+    with torch.no_grad():
+        for enc in bar:
+            with model.lm.trace(enc):
+                accumulate_residuals(model.sites, layers, keys_dev, sums)
+    return sums.cpu()
+
+
 def build_cama_table(model, prompts: Sequence[str], dataset_fingerprint: str,
                      layers: Sequence[int] | None = None, batch_size: int = 32,
-                     progress: bool = True) -> CamaTable:
+                     progress: bool = True, runner=None) -> CamaTable:
     """Build the CAMA table of ``model`` over ``prompts`` from clean forward passes.
 
     Args:
@@ -172,6 +200,10 @@ def build_cama_table(model, prompts: Sequence[str], dataset_fingerprint: str,
         prompts: the CAMA data set (its ``prompt`` column).
         dataset_fingerprint: the data set's fingerprint (``tasks.task_fingerprint``).
         layers: residual indices ``k`` in ``0..L`` to store (default: all).
+        runner: what runs the clean passes, called as ``runner(model, encodings, layers, keys,
+            progress)`` and returning the ``(len(layers), K, D)`` float64 sums per key (see
+            :func:`local_residual_sums`, the default; ``RemoteClient.cama_runner`` sums on NDIF).
+            Keys, counts and means are made here whatever runs the passes.
     Returns:
         a :class:`CamaTable` (float32 means of float64 sums).
     """
@@ -182,17 +214,10 @@ def build_cama_table(model, prompts: Sequence[str], dataset_fingerprint: str,
     if len(prompts) == 0:
         raise UserError("cannot build a CAMA table from an empty data set")
     started = time.time()
-    batches = model.encode_batches(prompts, batch_size)
-    keys, counts = table_keys([enc for _, enc in batches])
-    hidden = model.hf.config.hidden_size  # GPT-2/GPT-J configs alias n_embd to this
-    device = model.device
-    sums = torch.zeros(len(layers), len(keys), hidden, dtype=torch.float64, device=device)
-    keys_dev = keys.to(device)
-    bar = tqdm(batches, desc="CAMA table", unit="batch", disable=not progress, leave=False)
-    with torch.no_grad():
-        for _, enc in bar:
-            with model.lm.trace(enc):
-                accumulate_residuals(model.sites, layers, keys_dev, sums)
+    encodings = [enc for _, enc in model.encode_batches(prompts, batch_size)]
+    keys, counts = table_keys(encodings)
+    sums = (runner or local_residual_sums)(model, encodings, layers, keys, progress)
+    hidden = sums.shape[-1]
     means = (sums / counts.to(sums)[None, :, None]).float().cpu()
     position_keys, position_index = keys[:, 0].unique(return_inverse=True)
     position_sums = torch.zeros(len(layers), len(position_keys), hidden, dtype=torch.float64)
@@ -215,26 +240,41 @@ def build_cama_table(model, prompts: Sequence[str], dataset_fingerprint: str,
     return CamaTable(layers, keys, counts, means, position_keys, position_means, metadata)
 
 
-def cama_cache_path(model, dataset_fingerprint: str, root: Path) -> Path:
-    """Cache location of the table for (model weights, data set, dtype)."""
+def cama_cache_path(model, dataset_fingerprint: str, root: Path,
+                    layers: Sequence[int] | None = None) -> Path:
+    """Cache location of the table for (model weights, data set, dtype), and for a subset of
+    layers when ``layers`` is given (the full table's path otherwise)."""
     import hashlib
 
     model_key = hashlib.sha256(model.identity.fingerprint.encode()).hexdigest()[:16]
-    return root / "cama" / f"{model_key}-{dataset_fingerprint}-{model.identity.dtype}.safetensors"
+    name = f"{model_key}-{dataset_fingerprint}-{model.identity.dtype}"
+    if layers is not None:
+        subset = json.dumps(sorted({int(k) for k in layers}))
+        name += f"-layers-{hashlib.sha256(subset.encode()).hexdigest()[:12]}"
+    return root / "cama" / f"{name}.safetensors"
 
 
 def cached_cama_table(model, prompts: Sequence[str], dataset_fingerprint: str, root: Path,
-                      batch_size: int = 32, progress: bool = True) -> tuple[CamaTable, Path, bool]:
-    """Load the cached table for (model, data set, dtype) or build and cache it.
+                      batch_size: int = 32, progress: bool = True, runner=None,
+                      layers: Sequence[int] | None = None) -> tuple[CamaTable, Path, bool]:
+    """Load the cached table for (model, data set, dtype) or build and cache it (``runner``:
+    see :func:`build_cama_table`).
+
+    ``layers`` builds only those layers (a remote build downloads every layer it builds, so a
+    job that needs one layer should not fetch all of them); a cached full table serves any
+    subset.
 
     Returns ``(table, path, was_cached)``.
     """
-    path = cama_cache_path(model, dataset_fingerprint, root)
-    if path.is_file():
-        table = CamaTable.load(path).check(model.identity.fingerprint, dataset_fingerprint,
-                                           model.identity.dtype)
-        return table, path, True
-    table = build_cama_table(model, prompts, dataset_fingerprint, batch_size=batch_size,
-                             progress=progress)
-    table.save(path)
-    return table, path, False
+    full = cama_cache_path(model, dataset_fingerprint, root)
+    candidates = [full] if layers is None else [full, cama_cache_path(
+        model, dataset_fingerprint, root, layers)]
+    for path in candidates:
+        if path.is_file():
+            table = CamaTable.load(path).check(model.identity.fingerprint, dataset_fingerprint,
+                                               model.identity.dtype, layers)
+            return table, path, True
+    table = build_cama_table(model, prompts, dataset_fingerprint, layers, batch_size=batch_size,
+                             progress=progress, runner=runner)
+    table.save(candidates[-1])
+    return table, candidates[-1], False

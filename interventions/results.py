@@ -14,7 +14,7 @@ from typing import Iterator
 
 # Fields that identify a cell; two rows with equal values are the same measurement.
 KEY_FIELDS = ("experiment", "task", "style", "dataset_fingerprint", "l_wait", "l_transfer",
-              "sink", "wait_ablation", "transfer_peek", "layer")
+              "sink", "wait_ablation", "transfer_peek", "layer", "window", "variant")
 
 
 def cell_key(row: dict) -> tuple:

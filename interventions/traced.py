@@ -1,9 +1,7 @@
 """The code that runs *inside* an nnsight trace: ABP masks, CAMA look-ups and reductions.
 
-Everything here may execute on an NDIF server, so this module imports only ``torch`` (and one
-nnsight class) and is shipped by value with remote requests (registered in
-``interventions/__init__.py``). Architecture quirks
-are resolved *outside* the trace by ``interventions.adapters`` into a :class:`ModelSites`, which
+Everything here may execute on an NDIF server, so its functions use only ``torch`` and the module
+is shipped by value with remote requests (registered at the end). Architecture quirks are resolved *outside* the trace by ``interventions.adapters`` into a :class:`ModelSites`, which
 travels with the request (its envoys pickle as references to the server's own modules).
 
 Typical use inside a user's own trace (see the README)::
@@ -15,11 +13,12 @@ Typical use inside a user's own trace (see the README)::
 Shapes: ``B`` batch, ``T`` padded length (left padding), ``D`` hidden size, ``K`` table keys.
 """
 
+import sys
+
+import nnsight
 import torch
 
-# nnsight's own worker bookkeeping (pinned nnsight version; also present on NDIF servers): used
-# only to find this invoke's rows when several invokes share one forward (see _invoke_rows).
-from nnsight.intervention.interleaver import Mediator
+from . import plan as _plan
 
 
 class ModelSites:
@@ -223,7 +222,10 @@ def _invoke_rows(sites):
     batcher = getattr(sites.root.interleaver, "batcher", None)
     if batcher is None or not batcher.batching:
         return None
-    group = Mediator.current("the attention mask").batch_group
+    # nnsight's worker bookkeeping (pinned version), reached through the interleaver rather than
+    # imported, so a request names no nnsight module beyond what the server resolves anyway.
+    mediator_class = type(sites.root.interleaver.mediators[0])
+    group = mediator_class.current("the attention mask").batch_group
     if group is None:
         return None
     return group[0], batcher.total
@@ -347,3 +349,9 @@ def accumulate_residuals(sites, layers, keys, sums):
         flat = hidden.reshape(-1, hidden.shape[-1])[keep.to(hidden.device)]
         sums[j].index_add_(0, rows, flat.to(device=sums.device, dtype=sums.dtype))
     return sums
+
+
+# This module and the plan classes run inside traces on NDIF, where this package is not
+# installed: ship them by value with every request (registered as soon as they can be used).
+nnsight.register(sys.modules[__name__])
+nnsight.register(_plan)

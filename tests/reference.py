@@ -51,12 +51,32 @@ def allowed_matrix(attention_mask_row, last_rule, other_rule):
     return allow
 
 
-def af1_rules(n_layers, l_wait, l_transfer):
-    """{layer: (last_rule, other_rule)} of the spec's AF1 stages."""
+def af1_rules(n_layers, l_wait, l_transfer, sink=True, all_peek=False):
+    """{layer: (last_rule, other_rule)} of the spec's AF1 stages; ``sink=False`` restricts
+    queries to themselves, ``all_peek`` lets every token read every earlier token in transfer."""
+    alone = "sink_self" if sink else "self"
     rules = {}
     for k in range(l_wait, n_layers):
-        rules[k] = ("all", "sink_self") if k < l_wait + l_transfer else ("sink_self", "sink_self")
+        if k < l_wait + l_transfer:
+            rules[k] = ("all", "all" if all_peek else alone)
+        else:
+            rules[k] = (alone, alone)
     return rules
+
+
+def brute_force_position_mean(hf, tokenizer, prompts):
+    """{(layer, position, token): mean h_layer over every prompt at that position} — the
+    position-only mean, keyed like CAMA so the hook implementation can use either."""
+    cama = brute_force_cama(hf, tokenizer, prompts)
+    counts = defaultdict(int)
+    for prompt in prompts:
+        for t, tok in enumerate(tokenizer(prompt)["input_ids"]):
+            counts[(t, tok)] += 1
+    sums, totals = defaultdict(lambda: 0.0), defaultdict(int)
+    for (layer, t, tok), mean in cama.items():
+        sums[(layer, t)] = sums[(layer, t)] + mean * counts[(t, tok)]
+        totals[(layer, t)] += counts[(t, tok)]
+    return {(layer, t, tok): sums[(layer, t)] / totals[(layer, t)] for (layer, t, tok) in cama}
 
 
 def brute_force_cama(hf, tokenizer, prompts):

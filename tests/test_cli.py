@@ -46,8 +46,8 @@ def test_run_writes_results_dataset_manifest_and_heatmap(tiny_dir, tmp_path, cap
         assert manifest["environment"]["packages"][key]
     assert manifest["git"]["commit"] is None or len(manifest["git"]["commit"]) == 40
     for label in ("A+B-calculate", "A-B-calculate"):
-        assert (out / f"heatmap_{label}.png").stat().st_size > 1000
-        assert (out / f"heatmap_{label}.pdf").exists()
+        assert (out / "figures" / f"heatmap_{label}.png").stat().st_size > 1000
+        assert (out / "figures" / f"heatmap_{label}.pdf").exists()
         # The saved data set recomputes every number of its rows.
         data = load_task(out / "data" / label)
         fingerprint = task_fingerprint(data.remove_columns(["full_pred_id", "full_correct"]))

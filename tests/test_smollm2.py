@@ -49,5 +49,5 @@ def test_run_on_a_small_grid_writes_everything(tmp_path, capsys):
     assert abs(rows[(20, 4)]["n_full_correct"] - 26) <= 1  # measured 26 of 36
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["model"]["source"] == "embedded" and manifest["status"] == "complete"
-    assert (out / "heatmap_A+B-calculate.png").exists()
+    assert (out / "figures" / "heatmap_A+B-calculate.png").exists()
     assert (out / "data" / "A+B-calculate" / "dataset_info.json").exists()

@@ -1,0 +1,156 @@
+"""One function per figure kind. Each takes results rows (dicts from results.jsonl) and a path,
+draws with the shared style, and saves PNG + PDF + caption."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from .style import (FAITHFULNESS_CMAP, L_TRANSFER_LABEL, L_WAIT_LABEL, RC, plt, save_figure)
+
+TRANSFER_COLORS = ("#1b9e77", "#d95f02", "#7570b3", "#e7298a", "#66a61e", "#e6ab02")
+
+
+def _faith(row: dict) -> float:
+    return np.nan if row["faithfulness"] is None else row["faithfulness"]
+
+
+def faithfulness_grid(rows: Iterable[dict]) -> tuple[list[int], list[int], np.ndarray]:
+    """``(l_wait values, l_transfer values, grid[l_transfer, l_wait])``; NaN where not run."""
+    rows = list(rows)
+    waits = sorted({r["l_wait"] for r in rows})
+    transfers = sorted({r["l_transfer"] for r in rows})
+    grid = np.full((len(transfers), len(waits)), np.nan)
+    for r in rows:
+        grid[transfers.index(r["l_transfer"]), waits.index(r["l_wait"])] = _faith(r)
+    return waits, transfers, grid
+
+
+def heatmap(rows: Sequence[dict], path: Path, title: str, caption: str,
+            config: tuple[int, int] | None = None) -> list[Path]:
+    """Faithfulness over the grid (x: L_wait, y: L_transfer); the AF1 configuration boxed."""
+    waits, transfers, grid = faithfulness_grid(rows)
+    with plt.rc_context(RC):
+        fig, ax = plt.subplots(figsize=(max(4.0, 0.22 * len(waits) + 1.8),
+                                        0.45 * len(transfers) + 1.4))
+        image = ax.imshow(np.ma.masked_invalid(grid), origin="lower", aspect="auto",
+                          cmap=FAITHFULNESS_CMAP, vmin=0.0, vmax=1.0, interpolation="nearest")
+        ax.set_xticks(range(len(waits)), [str(w) for w in waits], fontsize=7)
+        ax.set_yticks(range(len(transfers)), [str(t) for t in transfers])
+        if config and config[0] in waits and config[1] in transfers:
+            x, y = waits.index(config[0]), transfers.index(config[1])
+            ax.add_patch(plt.Rectangle((x - 0.5, y - 0.5), 1, 1, fill=False, lw=1.8,
+                                       edgecolor="red"))
+        ax.set_xlabel(L_WAIT_LABEL)
+        ax.set_ylabel(L_TRANSFER_LABEL)
+        ax.set_title(title)
+        fig.colorbar(image, ax=ax, label="faithfulness", fraction=0.04, pad=0.02)
+        return save_figure(fig, path, caption)
+
+
+def faithfulness_lines(rows: Sequence[dict], path: Path, title: str, caption: str,
+                       threshold: float | None = None) -> list[Path]:
+    """Faithfulness against L_wait, one line per L_transfer."""
+    waits, transfers, grid = faithfulness_grid(rows)
+    with plt.rc_context(RC):
+        fig, ax = plt.subplots(figsize=(6.0, 3.0))
+        for i, t in enumerate(transfers):
+            ax.plot(waits, grid[i], marker="o", ms=3, lw=1.2,
+                    color=TRANSFER_COLORS[i % len(TRANSFER_COLORS)], label=f"$L_{{transfer}}$={t}")
+        if threshold is not None:
+            ax.axhline(threshold, color="grey", ls="--", lw=0.8, label=f"threshold {threshold}")
+        ax.set_ylim(-0.03, 1.03)
+        ax.set_xlabel(L_WAIT_LABEL)
+        ax.set_ylabel("faithfulness")
+        ax.set_title(title)
+        ax.legend(ncol=3, frameon=False)
+        return save_figure(fig, path, caption)
+
+
+def necessity(rows: Sequence[dict], path: Path, title: str, caption: str) -> list[Path]:
+    """Faithfulness when the last token cannot read non-sink tokens in one window of layers."""
+    windows = sorted({r["window"] for r in rows})
+    with plt.rc_context(RC):
+        fig, ax = plt.subplots(figsize=(6.0, 3.0))
+        for i, w in enumerate(windows):
+            sel = sorted((r for r in rows if r["window"] == w), key=lambda r: r["layer"])
+            ax.plot([r["layer"] for r in sel], [_faith(r) for r in sel], marker="o", ms=3,
+                    lw=1.2, color=TRANSFER_COLORS[i % len(TRANSFER_COLORS)],
+                    label=f"window of {w} layer{'s' if w > 1 else ''}")
+        ax.set_ylim(-0.03, 1.03)
+        ax.set_xlabel("first layer of the window (0-indexed)")
+        ax.set_ylabel("faithfulness")
+        ax.set_title(title)
+        ax.legend(frameon=False)
+        return save_figure(fig, path, caption)
+
+
+def horizontal_bars(labels: Sequence[str], values: Sequence[float], path: Path, title: str,
+                    caption: str, xlabel: str = "faithfulness") -> list[Path]:
+    """One bar per label (used for the alternatives)."""
+    with plt.rc_context(RC):
+        fig, ax = plt.subplots(figsize=(5.5, 0.35 * len(labels) + 1.0))
+        y = np.arange(len(labels))[::-1]
+        values = [np.nan if v is None else v for v in values]
+        ax.barh(y, values, color="#4c72b0")
+        for yi, v in zip(y, values):
+            ax.text((0 if np.isnan(v) else v) + 0.01, yi, "n/a" if np.isnan(v) else f"{v:.2f}",
+                    va="center", fontsize=7)
+        ax.set_yticks(y, labels)
+        ax.set_xlim(0, 1.1)
+        ax.set_xlabel(xlabel)
+        ax.set_title(title)
+        return save_figure(fig, path, caption)
+
+
+def grouped_bars(groups: Sequence[str], series: dict[str, Sequence[float]], path: Path,
+                 title: str, caption: str, ylabel: str = "share of prompts",
+                 panels: dict[str, tuple[Sequence[str], dict[str, Sequence[float]]]] | None = None
+                 ) -> list[Path]:
+    """Bars per group, one colour per series; ``panels`` draws several such charts side by side
+    (``{panel title: (groups, series)}``), otherwise one chart of ``groups``/``series``."""
+    panels = panels or {title: (groups, series)}
+    with plt.rc_context(RC):
+        fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.2), squeeze=False,
+                                 sharey=True)
+        for ax, (panel_title, (names, data)) in zip(axes[0], panels.items()):
+            x = np.arange(len(names))
+            width = 0.8 / max(1, len(data))
+            for i, (label, values) in enumerate(data.items()):
+                vals = [np.nan if v is None else v for v in values]
+                ax.bar(x + (i - (len(data) - 1) / 2) * width, vals, width, label=label,
+                       color=TRANSFER_COLORS[i % len(TRANSFER_COLORS)])
+            ax.set_xticks(x, names, rotation=30, ha="right")
+            ax.set_ylim(0, 1.05)
+            ax.set_title(panel_title if len(panels) > 1 else title)
+        axes[0][0].set_ylabel(ylabel)
+        axes[0][0].legend(frameon=False, fontsize=7)
+        if len(panels) > 1:
+            fig.suptitle(title)
+        return save_figure(fig, path, caption)
+
+
+def probe(result: dict, path: Path, title: str, caption: str) -> list[Path]:
+    """Partial-result probe accuracy per layer, with its controls."""
+    scores = result["scores"]
+    layers = [s["layer"] for s in scores]
+    control = result["control_operands_h0"]
+    with plt.rc_context(RC):
+        fig, ax = plt.subplots(figsize=(6.0, 3.0))
+        ax.plot(layers, [s["parity_accuracy"] for s in scores], marker="o", ms=3,
+                color="#d95f02", label=f"parity of {result['partial']} (held-out pairs)")
+        ax.plot(layers, [s["parity_shuffled_accuracy"] for s in scores], ls=":",
+                color="#999999", label="parity, shuffled labels")
+        ax.plot(layers, [s["value_exact"] for s in scores], marker="s", ms=2.5,
+                color="#1b9e77", label=f"value of {result['partial']}, exact")
+        ax.axhline(control["parity_accuracy"], color="#7570b3", ls="--", lw=0.9,
+                   label="parity from [h$_0$(A); h$_0$(B)] (no interaction)")
+        ax.axhline(0.5, color="black", lw=0.5)
+        ax.set_ylim(0, 1.03)
+        ax.set_xlabel("layer k of the residual h$_k$ (0 = embeddings)")
+        ax.set_ylabel("probe accuracy")
+        ax.set_title(title)
+        ax.legend(frameon=False, fontsize=7)
+        return save_figure(fig, path, caption)

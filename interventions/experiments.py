@@ -1,0 +1,147 @@
+"""The paper's experiments as lists of cells, and the AF1 search over a sweep's results.
+
+An experiment is a list of :class:`Cell`: what to evaluate (an :class:`AF1Plan` or a general
+:class:`Intervention`) plus the fields that identify it in ``results.jsonl``. Executors evaluate
+cells; nothing here runs a model.
+
+* ``sweep``        the ``L_wait x L_transfer`` grid of AF1 plans.
+* ``necessity``    the full model with the last token's attention to every non-sink token
+                   removed in one window of consecutive layers (sizes 1..4), one window at a time.
+* ``alternatives`` at the AF1 configuration: the wait stage by CAMA, zero ablation, position-only
+                   mean or nothing; the transfer stage by ABP, every token peeking, or no sink.
+* ``styles``       the six input styles x {A+B, A-B} at the AF1 configuration.
+* ``three_operand`` AF1 on the four three-operand tasks at the AF1 configuration (plus the
+                   partial-result probe, see :mod:`interventions.probe`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .errors import UserError
+from .plan import AF1Plan, Intervention
+
+EXPERIMENTS = ("sweep", "necessity", "alternatives", "styles", "three_operand")
+# Experiments that need the model's AF1 configuration, found by the sweep.
+NEEDS_CONFIG = ("alternatives", "styles", "three_operand")
+NECESSITY_WINDOWS = (1, 2, 3, 4)
+PAPER_STYLES = ("symbolic", "words", "question", "instruction", "story", "code")
+STYLE_TASKS = ("A+B", "A-B")
+THREE_OPERAND_TASKS = ("A+B+C", "A+B-C", "A-B+C", "A-B-C")
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One evaluation: ``intervention`` on one data set, and how its row is labelled.
+
+    ``fields`` are the row's identifying fields besides experiment/task/data set (plan fields
+    are added from ``intervention`` when it is an :class:`AF1Plan`).
+    """
+
+    experiment: str
+    intervention: AF1Plan | Intervention
+    fields: dict = field(default_factory=dict)
+
+    def row_fields(self) -> dict:
+        plan_fields = (self.intervention.to_dict() if isinstance(self.intervention, AF1Plan)
+                       else {"l_wait": None, "l_transfer": None, "sink": None,
+                             "wait_ablation": None, "transfer_peek": None})
+        return {"experiment": self.experiment, **plan_fields, "layer": None, "window": None,
+                "variant": None, **self.fields}
+
+
+def parse_experiments(spec: str) -> list[str]:
+    """``"all"`` or a comma list of :data:`EXPERIMENTS`, in canonical order."""
+    names = [s.strip() for s in spec.split(",") if s.strip()]
+    if names == ["all"]:
+        return list(EXPERIMENTS)
+    unknown = [n for n in names if n not in EXPERIMENTS]
+    if unknown or not names:
+        raise UserError(f"unknown experiment {', '.join(unknown) or repr(spec)}; choose from "
+                        f"{', '.join(EXPERIMENTS)} or all")
+    return [n for n in EXPERIMENTS if n in names]
+
+
+def sweep_cells(plans: list[AF1Plan]) -> list[Cell]:
+    return [Cell("sweep", plan) for plan in plans]
+
+
+def necessity_cells(n_layers: int, windows=NECESSITY_WINDOWS) -> list[Cell]:
+    """The full model, except that in layers ``start .. start+window-1`` the last token may
+    attend only to the sink and itself (every other query keeps its full causal attention)."""
+    cells = []
+    for window in windows:
+        for start in range(n_layers - window + 1):
+            rules = {k: ("sink_self", "all") for k in range(start, start + window)}
+            cells.append(Cell("necessity", Intervention(rules),
+                              {"layer": start, "window": window}))
+    return cells
+
+
+ALTERNATIVES = {
+    # variant: (stage it changes, AF1Plan keyword overrides)
+    "AF1 (CAMA + ABP)": ("both", {}),
+    "wait: zero ablation": ("wait", {"wait_ablation": "zero"}),
+    "wait: position mean": ("wait", {"wait_ablation": "position_mean"}),
+    "wait: none": ("wait", {"wait_ablation": "none"}),
+    "transfer: all tokens peek": ("transfer", {"transfer_peek": "all"}),
+    "transfer: no sink": ("transfer", {"sink": False}),
+}
+
+
+def alternative_cells(config: AF1Plan) -> list[Cell]:
+    """AF1 at ``config`` with one stage replaced by each alternative of the paper."""
+    return [Cell("alternatives",
+                 AF1Plan(config.l_wait, config.l_transfer, **overrides),
+                 {"variant": variant, "stage": stage})
+            for variant, (stage, overrides) in ALTERNATIVES.items()]
+
+
+def config_cells(experiment: str, config: AF1Plan) -> list[Cell]:
+    """The single AF1 configuration, for the styles and three-operand experiments."""
+    return [Cell(experiment, AF1Plan(config.l_wait, config.l_transfer))]
+
+
+# -- AF1 search ------------------------------------------------------------------------------
+
+
+def frontier(rows: list[dict], threshold: float) -> dict[int, int | None]:
+    """For each ``L_transfer``, the largest ``L_wait`` whose faithfulness is >= ``threshold``."""
+    best: dict[int, int | None] = {}
+    for row in rows:
+        t = row["l_transfer"]
+        best.setdefault(t, None)
+        if row["faithfulness"] is not None and row["faithfulness"] >= threshold:
+            if best[t] is None or row["l_wait"] > best[t]:
+                best[t] = row["l_wait"]
+    return dict(sorted(best.items()))
+
+
+def af1_search(rows: list[dict], threshold: float) -> dict:
+    """The model's AF1 configuration from sweep rows: among cells at or above ``threshold``,
+    the largest ``L_wait``, then the smallest ``L_transfer``.
+
+    When no cell reaches the threshold, the most faithful cell is reported instead (largest
+    ``L_wait``, then smallest ``L_transfer`` among ties) with ``met_threshold = False``, so later
+    experiments still have a configuration to run at; the report says so.
+    """
+    if not rows:
+        raise UserError("the AF1 search needs sweep results; run the sweep experiment")
+    passing = [r for r in rows if r["faithfulness"] is not None
+               and r["faithfulness"] >= threshold]
+    met = bool(passing)
+    pool = passing or [r for r in rows if r["faithfulness"] is not None] or rows
+    top = max(r["faithfulness"] or 0.0 for r in pool) if not met else None
+    if not met:
+        pool = [r for r in pool if (r["faithfulness"] or 0.0) == top]
+    chosen = max(pool, key=lambda r: (r["l_wait"], -r["l_transfer"]))
+    return {
+        "threshold": threshold,
+        "met_threshold": met,
+        "l_wait": chosen["l_wait"],
+        "l_transfer": chosen["l_transfer"],
+        "faithfulness": chosen["faithfulness"],
+        "full_accuracy": chosen["full_accuracy"],
+        "frontier": {str(t): w for t, w in frontier(rows, threshold).items()},
+        "n_cells": len(rows),
+    }
