@@ -107,8 +107,11 @@ def build_parser() -> argparse.ArgumentParser:
     run = parser.add_argument_group("run")
     run.add_argument("--out", default=None, help="output directory (default runs/<model>)")
     run.add_argument("--batch-size", type=int, default=32, help="prompts per forward pass")
-    run.add_argument("--executor", default="nnsight", choices=["nnsight"],
-                     help="how cells are evaluated locally: nnsight (reference path)")
+    run.add_argument("--executor", default="fast", choices=["fast", "nnsight"],
+                     help="how cells are evaluated locally: fast (default; skips the wait "
+                          "layers, runs the last token alone in the compute stage, shares the "
+                          "transfer stage across L_transfer) or nnsight (the reference path: "
+                          "every layer inside nnsight traces)")
     run.add_argument("--cache-dir", default=None,
                      help="cache for converted models and CAMA tables (default $AF1_CACHE or "
                           "~/.cache/af1)")

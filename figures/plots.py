@@ -128,7 +128,7 @@ def grouped_bars(groups: Sequence[str], series: dict[str, Sequence[float]], path
         axes[0][0].set_ylabel(ylabel)
         axes[0][0].legend(frameon=False, fontsize=7)
         if len(panels) > 1:
-            fig.suptitle(title)
+            fig.suptitle(title, y=1.03)
         return save_figure(fig, path, caption)
 
 

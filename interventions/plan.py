@@ -94,6 +94,9 @@ class AF1Plan:
 
     def check(self, n_layers):
         """Raise ``PlanError`` unless the plan fits a model with ``n_layers`` decoder layers."""
+        if self.l_wait >= n_layers:
+            raise PlanError(f"L_wait = {self.l_wait} leaves no layer of the model's {n_layers} "
+                            "to run (L_wait must be < L)")
         if self.l_wait + self.l_transfer > n_layers:
             raise PlanError(
                 f"L_wait + L_transfer = {self.l_wait} + {self.l_transfer} = "
