@@ -185,8 +185,11 @@ def local_residual_sums(model, encodings: Sequence[dict], layers: Sequence[int],
     bar = tqdm(encodings, desc="CAMA table", unit="batch", disable=not progress, leave=False)
     with torch.no_grad():
         for enc in bar:
-            with model.lm.trace(enc):
+            with model.lm.trace(enc) as tracer:
                 accumulate_residuals(model.sites, layers, keys_dev, sums)
+                # The table needs no logits: stop before the head (it would compute
+                # (B, T, V) logits, most of the build's peak memory).
+                tracer.stop()
     return sums.cpu()
 
 
