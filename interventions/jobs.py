@@ -209,10 +209,15 @@ class TaskRun:
                     batch_size=job.cfg.batch_size)
         return self._executor
 
+    @property
+    def row_base(self) -> dict:
+        """The fields every results row of this task starts with."""
+        return {"task": self.task, "style": self.style, "dataset_fingerprint": self.fingerprint}
+
     def items(self, cells: list[Cell]) -> list[tuple]:
         """``(cell, plan, cama_layer)`` for the cells not yet in the results."""
-        base = {"task": self.task, "style": self.style, "dataset_fingerprint": self.fingerprint}
-        todo = [c for c in cells if cell_key({**base, **c.row_fields()}) not in self.job.log]
+        todo = [c for c in cells
+                if cell_key({**self.row_base, **c.row_fields()}) not in self.job.log]
         n_layers = self.job.model.n_layers
         interventions = [as_intervention(c.intervention, n_layers) for c in todo]
         needed = {i.replace_layer for i in interventions if i.needs_table}
@@ -256,7 +261,6 @@ class TaskRun:
     def evaluate(self, cells: list[Cell], desc: str) -> int:
         """Evaluate the cells not yet in the results; append one row per finished cell."""
         log = self.job.log
-        base = {"task": self.task, "style": self.style, "dataset_fingerprint": self.fingerprint}
         items = self.items(cells)
         if not items:
             return 0
@@ -266,7 +270,7 @@ class TaskRun:
                    disable=not self.job.cfg.progress)
         started = time.time()
         for cell, preds in self.executor.run_many(items):
-            row = {**base, **cell.row_fields(), **score(full, preds, self.answers),
+            row = {**self.row_base, **cell.row_fields(), **score(full, preds, self.answers),
                    "executor": self.executor.name,
                    "model_fingerprint": self.job.model.identity.fingerprint,
                    "seconds": round(time.time() - started, 4),
@@ -500,8 +504,7 @@ def _dry_run(job: Job, main_runs, extra_runs, plans, fixed_config) -> str:
     built: dict[str, set] = {}  # layers each task's table will hold by then
     for run, cells in _planned_cells(main_runs, extra_runs, plans, fixed_config,
                                      job.experiments, n_layers):
-        base = {"task": run.task, "style": run.style, "dataset_fingerprint": run.fingerprint}
-        todo = [c for c in cells if cell_key({**base, **c.row_fields()}) not in done]
+        todo = [c for c in cells if cell_key({**run.row_base, **c.row_fields()}) not in done]
         if not todo:
             continue
         interventions = [as_intervention(c.intervention, n_layers) for c in todo]
