@@ -17,7 +17,6 @@ import reference
 import tiny
 from conftest import wrap_tiny
 from interventions.cama import build_cama_table
-from interventions.evaluate import NnsightExecutor
 from interventions.experiments import (ALTERNATIVES, af1_search, alternative_cells, frontier,
                                        necessity_cells, parse_experiments)
 from interventions.plan import AF1Plan
