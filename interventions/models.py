@@ -183,9 +183,6 @@ def load_model(spec: str = DEFAULT_MODEL, *, dtype: str = "auto", device: str = 
     if device != "auto":
         hf = hf.to(device)
     hf.eval()
-    tokenizer.padding_side = "left"
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
 
     identity = ModelIdentity(
         spec=spec,
@@ -209,9 +206,7 @@ def wrap_model(hf, tokenizer, identity: ModelIdentity | None = None,
 
     adapter = adapter or adapter_for(hf.config)
     check_attention(hf.config._attn_implementation)
-    tokenizer.padding_side = "left"
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    left_padding(tokenizer)
     if identity is None:
         identity = ModelIdentity(
             spec="<in-memory>", source="memory", model_id=type(hf).__name__, revision=None,
@@ -221,8 +216,17 @@ def wrap_model(hf, tokenizer, identity: ModelIdentity | None = None,
             device=str(next(hf.parameters()).device),
             attn_implementation=hf.config._attn_implementation)
     lm = TransformersModel(hf, tokenizer=tokenizer, task="text-generation")
-    tokenizer.padding_side = "left"  # the pipeline may reset it
+    left_padding(tokenizer)  # the pipeline may reset it
     return AF1Model(lm, hf, tokenizer, adapter, identity)
+
+
+def left_padding(tokenizer):
+    """Decoder batches are left padded (the last real token is every row's last column); a
+    tokenizer without a pad token pads with EOS."""
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
 
 
 # -- locating and identifying --------------------------------------------------------------

@@ -1017,7 +1017,8 @@ def load_remote_model(spec: str, *, revision: str | None = None, dtype: str = "b
     from transformers import AutoTokenizer
 
     from .adapters import adapter_for, check_attention
-    from .models import DTYPES, AF1Model, ModelIdentity, _first_line, _locate, _weights_sha256
+    from .models import (DTYPES, AF1Model, ModelIdentity, _first_line, _locate, _weights_sha256,
+                         left_padding)
 
     check_attention(attn_implementation)
     if dtype not in DTYPES:
@@ -1038,9 +1039,7 @@ def load_remote_model(spec: str, *, revision: str | None = None, dtype: str = "b
     hf = lm._module
     config = hf.config
     adapter = adapter_for(config)
-    tokenizer.padding_side = "left"
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    left_padding(tokenizer)
     identity = ModelIdentity(
         spec=spec, source="ndif" if source == "hub" else "local",
         model_id=spec if source == "hub" else str(Path(location).resolve()),
