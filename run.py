@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""AF1 command line: parses flags and hands them to ``interventions.jobs.run_job``.
+"""AF1 command line: parses flags and hands them to ``interventions.pipeline.jobs.run_job``.
 
     python run.py                      # default job on the embedded SmolLM2-135M (offline)
     python run.py --model meta-llama/Meta-Llama-3-8B --device cuda --tasks A+B,A-B
@@ -13,7 +13,7 @@ import sys
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from interventions.adapters import supported_architectures
+    from interventions.mechanisms.adapters import supported_architectures
 
     parser = argparse.ArgumentParser(
         prog="run.py",
@@ -123,8 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
     from interventions.errors import UserError
-    from interventions.jobs import JobConfig, run_job
-    from interventions.plan import PlanError
+    from interventions.pipeline.jobs import JobConfig, run_job
+    from interventions.mechanisms.plan import PlanError
 
     try:
         operand_range = None

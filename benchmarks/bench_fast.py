@@ -48,7 +48,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from interventions import AF1Plan, NnsightExecutor, build_cama_table, load_model  # noqa: E402
-from interventions.fast import FastExecutor  # noqa: E402
+from interventions.executors.fast import FastExecutor  # noqa: E402
 from tasks import build_task, task_fingerprint  # noqa: E402
 
 SINGLE = (20, 3)

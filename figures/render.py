@@ -17,7 +17,7 @@ SWEEP_FILTER = {"experiment": "sweep", "sink": True, "wait_ablation": "cama",
 
 
 def _read_rows(path: Path) -> list[dict]:
-    from interventions.results import read_results
+    from interventions.pipeline.results import read_results
 
     return read_results(path) if path.is_file() else []
 

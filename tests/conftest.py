@@ -35,7 +35,7 @@ def number_tok():
 
 
 def wrap_tiny(arch, tokenizer, attn="eager", seed=0, n_layers=4):
-    from interventions.models import wrap_model
+    from interventions.mechanisms.models import wrap_model
 
     hf = tiny.tiny_hf_model(arch, tokenizer, attn, seed=seed, n_layers=n_layers)
     return wrap_model(hf, tokenizer)

@@ -14,7 +14,7 @@ import torch
 
 # Where each architecture's decoder layers are, and the positional index of the attention mask
 # in a GPT-2 block call (transformers 5.x: forward(hidden_states, past_key_values,
-# attention_mask, ...)). Written out here on purpose, independent of interventions.adapters.
+# attention_mask, ...)). Written out here on purpose, independent of interventions.mechanisms.adapters.
 LAYERS = {"llama": "model.layers", "qwen2": "model.layers", "gpt_neox": "gpt_neox.layers",
           "gptj": "transformer.h", "gpt2": "transformer.h"}
 POSITIONAL_MASK_INDEX = {"gpt2": 2}

@@ -7,10 +7,10 @@ import torch
 
 import reference
 from conftest import wrap_tiny
-from interventions.cama import build_cama_table
-from interventions.plan import AF1Plan
-from interventions.plan import Intervention
-from interventions.traced import apply_af1, apply_intervention, apply_rules, read_prompt
+from interventions.mechanisms.cama import build_cama_table
+from interventions.mechanisms.plan import AF1Plan
+from interventions.mechanisms.plan import Intervention
+from interventions.mechanisms.traced import apply_af1, apply_intervention, apply_rules, read_prompt
 from tiny import ARCHITECTURES
 
 # Mixed lengths so a batch is left padded; digits are separate tokens.

@@ -10,7 +10,7 @@ import pytest
 
 import run
 import tiny
-from interventions.results import read_results
+from interventions.pipeline.results import read_results
 from tasks import load_task, task_fingerprint
 
 ROOT = Path(__file__).resolve().parent.parent

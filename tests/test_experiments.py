@@ -16,11 +16,11 @@ import torch
 import reference
 import tiny
 from conftest import wrap_tiny
-from interventions.cama import build_cama_table
-from interventions.experiments import (ALTERNATIVES, af1_search, alternative_cells, frontier,
+from interventions.mechanisms.cama import build_cama_table
+from interventions.pipeline.experiments import (ALTERNATIVES, af1_search, alternative_cells, frontier,
                                        necessity_cells, parse_experiments)
-from interventions.plan import AF1Plan
-from interventions.results import read_results
+from interventions.mechanisms.plan import AF1Plan
+from interventions.pipeline.results import read_results
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPTS = ["Calculate: 3+4=", "3+5=", "What is 2+2? ", "Calculate: 1+7=", "7+1="]
@@ -28,8 +28,8 @@ PROMPTS = ["Calculate: 3+4=", "3+5=", "What is 2+2? ", "Calculate: 1+7=", "7+1="
 
 def ours(model, cell, table):
     """Last-position logits of the nnsight reference path for one experiment cell."""
-    from interventions.plan import as_intervention
-    from interventions.traced import apply_intervention
+    from interventions.mechanisms.plan import as_intervention
+    from interventions.mechanisms.traced import apply_intervention
 
     intervention = as_intervention(cell.intervention, model.n_layers)
     enc = model.encode(PROMPTS)
@@ -147,7 +147,7 @@ def test_killed_run_resumes_to_the_same_results(tmp_path):
 
 
 def test_figures_rebuild_from_results_with_no_model_and_no_torch(tmp_path):
-    from interventions.jobs import JobConfig, run_job
+    from interventions.pipeline.jobs import JobConfig, run_job
 
     model_dir = tiny.save_tiny_model("llama", tmp_path / "m", tiny.digit_tokenizer())
     out = tmp_path / "run"

@@ -12,11 +12,11 @@ import pytest
 import torch
 
 from conftest import wrap_tiny
-from interventions.cama import build_cama_table
-from interventions.evaluate import NnsightExecutor
-from interventions.fast import FastExecutor
-from interventions.plan import AF1Plan, Intervention, PlanError
-from interventions.traced import apply_intervention
+from interventions.mechanisms.cama import build_cama_table
+from interventions.executors.reference import NnsightExecutor
+from interventions.executors.fast import FastExecutor
+from interventions.mechanisms.plan import AF1Plan, Intervention, PlanError
+from interventions.mechanisms.traced import apply_intervention
 from tiny import ARCHITECTURES
 
 # Three token lengths (4, 13, 15 characters = tokens): one padded batch on the fast side.
@@ -161,7 +161,7 @@ def test_sliding_window_shorter_than_a_prompt_falls_back_to_the_reference(window
     """Qwen2 with sliding-window layers: the fast path's unrestricted layers are plainly
     causal, which is the model's own attention only while prompts fit in the window."""
     import tiny
-    from interventions.models import wrap_model
+    from interventions.mechanisms.models import wrap_model
     from transformers import AutoModelForCausalLM
 
     config = tiny.tiny_config("qwen2", len(digit_tok))

@@ -22,12 +22,15 @@ from nnsight.intervention.backends.remote import RemoteError
 import tiny
 from interventions import (AF1Plan, NnsightExecutor, UserError, apply_af1, build_cama_table,
                            load_model)
-from interventions.plan import Intervention
-from interventions.preflight import (KEY_URL, NdifAnswers, PlannedTask, _Capture, closest_model,
-                                     fetch_ndif_answers, plan_remote_job, preflight,
-                                     preflight_decision)
-from interventions.remote import (LocalTransport, RemoteClient, RemoteExecutor, RemoteRunError,
-                                  audit_request, decode_result, load_remote_model)
+from interventions.mechanisms.plan import Intervention
+from interventions.executors.remote.audit import audit_request
+from interventions.executors.remote.client import RemoteClient, RemoteRunError
+from interventions.executors.remote.executor import RemoteExecutor, load_remote_model
+from interventions.executors.remote.preflight import (KEY_URL, NdifAnswers, PlannedTask,
+                                                      _Capture, closest_model,
+                                                      fetch_ndif_answers, plan_remote_job,
+                                                      preflight, preflight_decision)
+from interventions.executors.remote.transport import LocalTransport, decode_result
 
 WORKER = Path(__file__).with_name("remote_worker.py")
 N_LAYERS = 4
@@ -200,7 +203,7 @@ def test_nnsights_own_remote_local_backend_runs_the_same_requests(llama, data, l
     """The blocks this toolkit ships also pass nnsight's own ``remote="local"`` simulation."""
     from nnsight.intervention.backends.local import LocalSimulationBackend
 
-    from interventions.remote import cells_session
+    from interventions.executors.remote.executor import cells_session
 
     class Simulation(LocalSimulationBackend):
         def __call__(self, tracer):
@@ -327,7 +330,7 @@ def test_audit_flags_imports_the_server_refuses(llama):
 def test_cama_layers_travel_once_per_request_in_the_model_dtype(digit_tok, data):
     prompts, answers = data
     hf = tiny.tiny_hf_model("llama", digit_tok, "sdpa").to(torch.bfloat16)
-    from interventions.models import wrap_model
+    from interventions.mechanisms.models import wrap_model
 
     model = wrap_model(hf, digit_tok)
     assert model.identity.dtype == "bfloat16"
@@ -537,7 +540,7 @@ def test_local_server_refuses_code_a_server_could_not_import(tmp_path, llama, mo
             logits = double(lm.output.logits).save()
     sys.modules.pop("helper_mod", None)
     # The project itself is such code: naming an AF1Model (not model.sites / model.lm) inside a
-    # block ships a reference to interventions.models, which NDIF does not have.
+    # block ships a reference to interventions.mechanisms.models, which NDIF does not have.
     with pytest.raises(ModuleNotFoundError, match="interventions"):
         with llama.lm.trace(enc, backend=client.backend("probe", "af1model")):
             apply_af1(llama.sites, AF1Plan(0, 2))
@@ -771,7 +774,7 @@ def test_ndif_transport_through_nnsights_client_on_a_fake_network(monkeypatch, b
     import websocket
     from nnsight.schema.config import CONFIG
 
-    from interventions.remote import NdifTransport
+    from interventions.executors.remote.transport import NdifTransport
 
     ndif = FakeNdif(LocalTransport.for_model(llama), fail_posts=1)
     monkeypatch.setattr(httpx, "Client", ndif.client)
@@ -801,7 +804,7 @@ def test_ndif_transport_through_nnsights_client_on_a_fake_network(monkeypatch, b
 
 
 def test_cama_cache_builds_only_the_layers_asked_and_reuses_a_full_table(tmp_path, llama, data):
-    from interventions.cama import cached_cama_table
+    from interventions.mechanisms.cama import cached_cama_table
 
     prompts, _ = data
     table, path, cached = cached_cama_table(llama, prompts, "fp", tmp_path, 8, False, layers=[2])

@@ -7,7 +7,7 @@ import pytest
 
 import run
 import tiny
-from interventions.results import read_results
+from interventions.pipeline.results import read_results
 
 GRID = ["--l-wait", "0-3", "--l-transfer", "1-2"]
 

@@ -12,7 +12,7 @@ import pytest
 
 import run
 from interventions import NnsightExecutor, load_model
-from interventions.results import read_results
+from interventions.pipeline.results import read_results
 from tasks import build_task
 
 pytestmark = pytest.mark.slow

@@ -36,7 +36,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import UserError
+from .. import nnsight_internals as internals
+from ..errors import UserError
 from .traced import ModelSites
 
 MASKABLE_ATTENTION = ("eager", "sdpa")
@@ -99,7 +100,7 @@ class ArchAdapter:
 
     def sites(self, lm, attn_implementation: str) -> ModelSites:
         """The :class:`ModelSites` of an nnsight-wrapped model of this architecture."""
-        index, name = self.mask_slot(lm._module)
+        index, name = self.mask_slot(internals.wrapped_module(lm))
         return ModelSites(lm, list(_get_path(lm, self.layers_path)), index, name,
                           attn_implementation)
 

@@ -23,12 +23,14 @@ import torch
 from nnsight.schema.request import RequestModel
 from nnsight.tracing.backend import Backend
 
-from .cama import table_keys
-from .errors import UserError
-from .plan import AF1Plan, Intervention, as_intervention
-from .remote import (DEFAULT_CELLS_PER_REQUEST, audit_request, cells_session, chunk_cells,
-                     encode_result, format_bytes, residual_sums_session)
-from .traced import CamaLayer
+from ...errors import UserError
+from ...mechanisms.cama import table_keys
+from ...mechanisms.plan import AF1Plan, Intervention, as_intervention
+from ...mechanisms.traced import CamaLayer
+from .audit import audit_request
+from .client import DEFAULT_CELLS_PER_REQUEST, format_bytes
+from .executor import cells_session, chunk_cells, residual_sums_session
+from .transport import encode_result
 
 KEY_URL = "https://login.ndif.us"
 STATUS_COMMAND = "python -c 'import nnsight; print(nnsight.status())'"

@@ -20,8 +20,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from .errors import UserError
-from .traced import CamaLayer, accumulate_residuals
+from ..errors import UserError
+from .traced import CamaLayer, accumulate_residuals, prompt_layout
 
 FORMAT = "af1-cama-v1"
 
@@ -160,8 +160,7 @@ def table_keys(encodings: Sequence[dict]) -> tuple[torch.Tensor, torch.Tensor]:
     """
     pairs = []
     for enc in encodings:
-        real = enc["attention_mask"].bool()
-        positions = (real.long().cumsum(-1) - 1).clamp(min=0)
+        real, positions = prompt_layout(enc["input_ids"], enc["attention_mask"])
         pairs.append(torch.stack([positions[real], enc["input_ids"][real]], -1))
     keys, counts = torch.cat(pairs).unique(dim=0, return_counts=True)
     return keys, counts

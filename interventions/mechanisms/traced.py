@@ -18,6 +18,7 @@ import sys
 import nnsight
 import torch
 
+from ..nnsight_internals import current_batch_group
 from . import plan as _plan
 
 
@@ -211,26 +212,6 @@ def wait_replacement(intervention, cama, input_ids, real, positions):
     return values, where
 
 
-def _invoke_rows(sites):
-    """``(start, total)`` of this invoke's rows when several invokes share the forward, else
-    ``None``.
-
-    Needed only where the model passed no mask (sdpa without padding): an edit of ``None`` cannot
-    be spliced into one invoke's rows, so the first invoke to edit it writes a whole-batch mask
-    (plain causal on the other invokes' rows), which later invokes then edit row-wise.
-    """
-    batcher = getattr(sites.root.interleaver, "batcher", None)
-    if batcher is None or not batcher.batching:
-        return None
-    # nnsight's worker bookkeeping (pinned version), reached through the interleaver rather than
-    # imported, so a request names no nnsight module beyond what the server resolves anyway.
-    mediator_class = type(sites.root.interleaver.mediators[0])
-    group = mediator_class.current("the attention mask").batch_group
-    if group is None:
-        return None
-    return group[0], batcher.total
-
-
 def _layer_mask(sites, args, kwargs):
     if sites.mask_index is not None and len(args) > sites.mask_index:
         return args[sites.mask_index]
@@ -266,7 +247,11 @@ def apply_rules(sites, rules, replace_layer=None, replacement=None, real=None):
                 allow_cache[rule] = allowed_keys(real.to(hidden.device), rule[0], rule[1])
             allow = allow_cache[rule].to(hidden.device)
             existing = _layer_mask(sites, args, kwargs)
-            rows = _invoke_rows(sites) if existing is None else None
+            # Where the model passed no mask (sdpa without padding), an edit of ``None`` cannot be
+            # spliced into one invoke's rows: the first invoke to edit it writes a whole-batch
+            # mask (plain causal on the other invokes' rows), which later invokes edit row-wise.
+            rows = (current_batch_group(sites.root.interleaver)
+                    if existing is None else None)
             if rows is not None:
                 start, total = rows
                 whole = torch.ones(total, allow.shape[-1], dtype=torch.bool, device=allow.device)

@@ -18,8 +18,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .errors import UserError
-from .plan import AF1Plan, Intervention
+from ..errors import UserError
+from ..mechanisms.plan import AF1Plan, Intervention
 
 EXPERIMENTS = ("sweep", "necessity", "alternatives", "styles", "three_operand")
 # Experiments that need the model's AF1 configuration, found by the sweep.

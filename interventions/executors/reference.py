@@ -1,58 +1,19 @@
-"""Scoring AF1: full accuracy, faithfulness and per-prompt predictions.
+"""The reference executor: interventions applied inside nnsight traces, batch by batch.
 
 Greedy scoring (the spec): a prompt is right when the argmax of the last position's logits is the
-answer token. ``full accuracy`` is the unmodified model's share of right prompts;
-``faithfulness`` is the share of the prompts the full model gets right that AF1 also gets right.
-
-An *executor* turns (plan, CAMA layer) into per-prompt predictions. :class:`NnsightExecutor`
-applies the plan inside nnsight traces (the reference path; also the remote path).
+answer token. :class:`NnsightExecutor` is the ground truth every other executor is tested against.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
 
-from .plan import AF1Plan, Intervention, as_intervention
-from .traced import CamaLayer, apply_intervention, last_token_predictions
-
-
-@dataclass(frozen=True)
-class Predictions:
-    """Per-prompt greedy predictions, in data-set order.
-
-    Attributes:
-        pred_ids: ``(N,)`` int64 argmax token at the last position.
-        answer_logits: ``(N,)`` float32 logit of the answer token.
-    """
-
-    pred_ids: np.ndarray
-    answer_logits: np.ndarray
-
-    def correct(self, answer_ids: np.ndarray) -> np.ndarray:
-        return self.pred_ids == answer_ids
-
-
-def score(full: Predictions, af1: Predictions, answer_ids: Sequence[int]) -> dict:
-    """Full accuracy, faithfulness and counts (``faithfulness`` is ``None`` when the full model
-    gets nothing right: it is undefined, not zero)."""
-    answer_ids = np.asarray(answer_ids)
-    full_ok = full.correct(answer_ids)
-    af1_ok = af1.correct(answer_ids)
-    n_full = int(full_ok.sum())
-    n_both = int((full_ok & af1_ok).sum())
-    return {
-        "faithfulness": n_both / n_full if n_full else None,
-        "full_accuracy": n_full / len(answer_ids),
-        "af1_accuracy": float(af1_ok.mean()),
-        "n_prompts": len(answer_ids),
-        "n_full_correct": n_full,
-        "n_af1_correct_of_full": n_both,
-        "n_af1_correct": int(af1_ok.sum()),
-    }
+from ..mechanisms.plan import AF1Plan, Intervention, as_intervention
+from ..mechanisms.traced import CamaLayer, apply_intervention, last_token_predictions
+from .base import Predictions
 
 
 class NnsightExecutor:

@@ -1,0 +1,1 @@
+"""The executors: how cells are evaluated (nnsight reference, fast, remote on NDIF)."""

@@ -1,0 +1,416 @@
+"""The remote executor: AF1 cells and CAMA sums as few, small NDIF requests.
+
+* :func:`cells_session` and :func:`residual_sums_session` hold the ``with`` blocks that are
+  shipped; :class:`RemoteExecutor` packs ``cells_per_request`` configurations x every prompt
+  batch into one session request and uploads each CAMA layer a request needs once.
+* :func:`load_remote_model` gives an :class:`AF1Model` without weights (config and tokenizer
+  only) for models NDIF hosts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import warnings
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Sequence
+
+import numpy as np
+import torch
+
+from ... import nnsight_internals as internals
+from ...errors import UserError
+from ...mechanisms.plan import AF1Plan, Intervention, as_intervention
+from ...mechanisms.traced import (CamaLayer, accumulate_residuals, apply_intervention,
+                                  last_token_predictions)
+from ...nnsight_internals import RemoteError
+from ..base import Predictions
+from .client import DEFAULT_CELLS_PER_REQUEST, DEFAULT_MAX_RETRIES, RemoteClient, RemoteStats
+
+
+# -- what runs on the server ----------------------------------------------------------------------
+#
+# These functions hold the ``with`` blocks that are shipped. A block ships its source and the
+# values it names (here: the function's arguments, the traced/plan functions, ``torch``), so each
+# takes exactly what the server needs as arguments and nothing else (never ``self``). No comment
+# or blank line inside a block: nnsight ships it re-formatted, and nested traces are found by line.
+
+
+def cells_session(lm, sites, backend, cells, batches):
+    """One request: every ``(intervention, cama)`` cell on every ``(encoding, answers)`` batch.
+
+    Saves ``pred_ids`` int32 and ``answer_logits`` float32, each ``(len(cells) * N,)`` in
+    cell-major, batch order (N prompts). The inner ``no_grad`` runs on the server too, so no
+    autograd graph grows across the session.
+    """
+    with torch.no_grad(), lm.session(backend=backend):
+        with torch.no_grad():
+            id_parts = []
+            logit_parts = []
+            for intervention, cama in cells:
+                for enc, answers in batches:
+                    with lm.trace(enc):
+                        if intervention is not None:
+                            apply_intervention(sites, intervention, cama)
+                        ids, logits = last_token_predictions(sites, answers)
+                        id_parts.append(ids.to(torch.int32))
+                        logit_parts.append(logits.float())
+            pred_ids = torch.cat(id_parts).save()
+            answer_logits = torch.cat(logit_parts).save()
+
+
+def residual_sums_session(lm, sites, backend, batches, layers, keys, hidden):
+    """One request: clean traces over ``(encoding, answers or None)`` batches, adding each
+    token's ``h_k`` to its key's float64 sum on the server.
+
+    Saves ``residual_sums`` ``(len(layers), K, D)`` float32 and, when the batches carry answers,
+    ``pred_ids``/``answer_logits`` as :func:`cells_session` does for one clean cell. The sums
+    live in the server's CPU memory (a few hundred MB at most): ``device_map="auto"`` spreads
+    the layers over GPUs, and no one GPU need hold them all.
+    """
+    with torch.no_grad(), lm.session(backend=backend):
+        with torch.no_grad():
+            sums = torch.zeros(len(layers), len(keys), hidden, dtype=torch.float64)
+            id_parts = []
+            logit_parts = []
+            for enc, answers in batches:
+                with lm.trace(enc):
+                    accumulate_residuals(sites, layers, keys, sums)
+                    if answers is not None:
+                        ids, logits = last_token_predictions(sites, answers)
+                        id_parts.append(ids.to(torch.int32))
+                        logit_parts.append(logits.float())
+            residual_sums = sums.float().save()
+            if id_parts:
+                pred_ids = torch.cat(id_parts).save()
+                answer_logits = torch.cat(logit_parts).save()
+
+
+# -- request keys ---------------------------------------------------------------------------------
+
+
+def _digest(*tensors: torch.Tensor) -> str:
+    h = hashlib.sha256()
+    for t in tensors:
+        t = t.detach().cpu().contiguous()
+        h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def _request_key(model, kind: str, content: Any) -> str:
+    """A content key for the ledger: the model, the request kind and a JSON description."""
+    text = json.dumps([model.identity.fingerprint, model.identity.dtype, kind, content],
+                      sort_keys=True, default=str)
+    return f"{kind}-{hashlib.sha256(text.encode()).hexdigest()[:24]}"
+
+
+def _batches_digest(batches) -> str:
+    tensors = []
+    for enc, answers in batches:
+        tensors += [enc["input_ids"], enc["attention_mask"]]
+        if answers is not None:
+            tensors.append(answers)
+    return _digest(*tensors)
+
+
+def _intervention_digest(intervention: Intervention | None) -> Any:
+    if intervention is None:
+        return None
+    return [sorted((k, list(v)) for k, v in intervention.rules.items()),
+            intervention.replace_layer, intervention.replacement]
+
+
+# -- the CAMA build on NDIF -----------------------------------------------------------------------
+
+
+class _RemoteCamaRunner:
+    """Sums the grouped clean residuals on the server (see :meth:`RemoteExecutor.cama_runner`).
+
+    Each request runs clean traces over up to ``batches_per_request`` batches (default: all in
+    one request) and only the float32 sums come back. With ``answer_ids`` (one ``(B,)`` tensor
+    per batch) the same passes also save the clean predictions, handed to ``on_predictions``.
+    """
+
+    def __init__(self, client: RemoteClient, batches_per_request: int | None, answer_ids,
+                 on_predictions):
+        if batches_per_request is not None and batches_per_request < 1:
+            raise UserError(f"batches per request must be >= 1, got {batches_per_request}")
+        self.client = client
+        self.batches_per_request = batches_per_request
+        self.answer_ids = answer_ids
+        self.on_predictions = on_predictions
+
+    def __call__(self, model, encodings, layers, keys, progress=True) -> torch.Tensor:
+        answers = self.answer_ids if self.answer_ids is not None else [None] * len(encodings)
+        batches = list(zip(encodings, answers))
+        size = self.batches_per_request or len(batches)
+        chunks = [batches[i:i + size] for i in range(0, len(batches), size)]
+        layers = [int(k) for k in layers]
+        hidden = model.hf.config.hidden_size
+        total = torch.zeros(len(layers), len(keys), hidden, dtype=torch.float64)
+        predictions = []
+        for n, chunk in enumerate(chunks, 1):
+            label = f"CAMA sums, batches {(n - 1) * size + 1}-{(n - 1) * size + len(chunk)} " \
+                    f"of {len(batches)}"
+            key = _request_key(model, "cama", [layers, _digest(keys), _batches_digest(chunk)])
+            backend = self.client.backend("cama", label, key, traces=len(chunk))
+            residual_sums_session(model.lm, model.sites, backend, chunk, layers, keys, hidden)
+            total += backend.result["residual_sums"].double()
+            if "pred_ids" in backend.result:
+                predictions.append((backend.result["pred_ids"], backend.result["answer_logits"]))
+        if self.on_predictions is not None and predictions:
+            self.on_predictions(predictions)
+        return total
+
+
+# -- the executor ---------------------------------------------------------------------------------
+
+
+def check_cells_per_request(cells_per_request: int) -> int:
+    """Refuse fewer than one configuration per request."""
+    if cells_per_request < 1:
+        raise UserError(f"cells per request (--cells-per-request) must be >= 1, got "
+                        f"{cells_per_request}")
+    return cells_per_request
+
+
+def chunk_cells(items: Sequence, cells_per_request: int) -> list[list]:
+    """Group cells into requests of at most ``cells_per_request``.
+
+    ``items`` are ``(tag, intervention, cama)``; they are ordered (stably) by the table layer
+    they need, so a request uploads as few distinct layers as possible.
+    """
+    check_cells_per_request(cells_per_request)
+
+    def need(item):
+        intervention = item[1]
+        if intervention is None or not intervention.needs_table:
+            return (0, -1)
+        return (1 if intervention.replacement == "cama" else 2, intervention.replace_layer)
+
+    ordered = sorted(items, key=need)
+    return [ordered[i:i + cells_per_request] for i in range(0, len(ordered), cells_per_request)]
+
+
+class RemoteExecutor:
+    """Evaluates interventions on one data set through NDIF (or the local stand-in), with the
+    :class:`interventions.NnsightExecutor` interface.
+
+    Args:
+        model: an :class:`AF1Model` (:func:`load_remote_model` for NDIF).
+        prompts / answer_ids: the data set; batch_size: prompts per forward pass.
+        backend: ``"remote"`` or ``"local"`` (ignored when ``client`` is given).
+        cells_per_request: configurations per request; a request runs
+            ``cells x n_batches`` traces.
+        max_retries: see :class:`RemoteClient` (ignored when ``client`` is given).
+        client: a shared :class:`RemoteClient` (one per job, so its ``stats`` cover the job).
+        client_options: further :class:`RemoteClient` arguments (``ledger``, ``blocking``, ...).
+    """
+
+    name = "nnsight-remote"
+
+    def __init__(self, model, prompts: Sequence[str], answer_ids: Sequence[int],
+                 batch_size: int = 32, backend: str = "remote",
+                 cells_per_request: int = DEFAULT_CELLS_PER_REQUEST,
+                 max_retries: int = DEFAULT_MAX_RETRIES, client: RemoteClient | None = None,
+                 **client_options):
+        check_cells_per_request(cells_per_request)
+        self.model = model
+        self.client = client or RemoteClient(model, backend, max_retries=max_retries,
+                                             **client_options)
+        self.cells_per_request = cells_per_request
+        self.n_prompts = len(prompts)
+        self.answer_ids = torch.as_tensor(np.asarray(answer_ids), dtype=torch.long)
+        self.batches = model.encode_batches(prompts, batch_size)
+        self._inputs = [(enc, self.answer_ids[indices]) for indices, enc in self.batches]
+        self._inputs_digest = _batches_digest(self._inputs)
+        self._clean: Predictions | None = None
+
+    @property
+    def stats(self) -> RemoteStats:
+        return self.client.stats
+
+    # -- the executor interface
+
+    def clean(self) -> Predictions:
+        """Predictions of the unmodified model (no request when a CAMA build on these batches
+        already computed them, see :meth:`cama_runner`)."""
+        if self._clean is None:
+            self._clean = self._evaluate([(None, None)], "clean", "full model")[0]
+        return self._clean
+
+    def run(self, plan: AF1Plan | Intervention, cama: CamaLayer | None = None) -> Predictions:
+        """Predictions under one plan or intervention (one request)."""
+        intervention = as_intervention(plan, self.model.n_layers)
+        return self._evaluate([(intervention, cama)], "cells", repr(plan))[0]
+
+    def run_many(self, cells: Iterable[tuple[Any, AF1Plan | Intervention, CamaLayer | None]]
+                 ) -> Iterator[tuple[Any, Predictions]]:
+        """Evaluate ``(tag, plan_or_intervention, cama_layer)`` cells, ``cells_per_request`` per
+        request; yields ``(tag, predictions)`` chunk by chunk as each request finishes."""
+        chunks = self._chunks(cells)
+        total = sum(len(c) for c in chunks)
+        done = 0
+        for chunk in chunks:
+            label = f"cells {done + 1}-{done + len(chunk)} of {total}"
+            preds = self._evaluate([(iv, cama) for _, iv, cama in chunk], "cells", label)
+            done += len(chunk)
+            for (tag, _, _), p in zip(chunk, preds):
+                yield tag, p
+
+    def submit(self, cells: Iterable[tuple[Any, AF1Plan | Intervention, CamaLayer | None]]
+               ) -> list[str]:
+        """Submit every chunk of ``cells`` without waiting; returns the job ids (kept in the
+        client's ledger). Collect later with :meth:`run_many` on the same cells and ledger."""
+        chunks = self._chunks(cells)
+        total = sum(len(c) for c in chunks)
+        jobs, done = [], 0
+        for chunk in chunks:
+            label = f"cells {done + 1}-{done + len(chunk)} of {total}"
+            jobs.append(self._evaluate([(iv, cama) for _, iv, cama in chunk], "cells", label,
+                                       submit_only=True))
+            done += len(chunk)
+        return jobs
+
+    def cama_runner(self, batches_per_request: int | None = None):
+        """A remote CAMA runner for this data set whose requests also compute :meth:`clean`.
+
+        Use it as ``cached_cama_table(..., batch_size=<this executor's>, runner=...)`` with the
+        executor's prompts: the table's clean passes are the full model's passes, so their
+        predictions are saved alongside the sums. On other prompts the runner only sums.
+        """
+        def runner(model, encodings, layers, keys, progress=True):
+            same = len(encodings) == len(self._inputs) and all(
+                torch.equal(enc["input_ids"], mine["input_ids"])
+                for enc, (mine, _) in zip(encodings, self._inputs))
+            answers = [a for _, a in self._inputs] if same else None
+            return _RemoteCamaRunner(self.client, batches_per_request, answers,
+                                     self._take_clean)(model, encodings, layers, keys, progress)
+
+        return runner
+
+    # -- internals
+
+    def _chunks(self, cells) -> list[list]:
+        n_layers = self.model.n_layers
+        items = [(tag, as_intervention(plan, n_layers), cama) for tag, plan, cama in cells]
+        return chunk_cells(items, self.cells_per_request)
+
+    def _take_clean(self, predictions: list) -> None:
+        self._clean = self._assemble(torch.cat([p for p, _ in predictions]),
+                                     torch.cat([a for _, a in predictions]), 1)[0]
+
+    def _upload_cells(self, cells) -> tuple[list, list]:
+        """The cells as they travel: each distinct table layer once (the same object wherever
+        it is used, so the request pickles it once), its means a copy in the model's dtype.
+
+        Returns the cells ``[(intervention, cama)]`` and a description of each for the request key.
+        """
+        dtype = getattr(torch, self.model.identity.dtype)
+        layers: dict = {}
+        keys: dict = {}
+        out, described = [], []
+        for intervention, cama in cells:
+            ident = None
+            if cama is not None:
+                ident = (cama.kind, cama.layer, _digest(cama.keys, cama.means))
+                if ident not in layers:
+                    shared = keys.setdefault(_digest(cama.keys), cama.keys.detach().cpu().clone())
+                    layers[ident] = CamaLayer(cama.layer, shared,
+                                              cama.means.detach().to("cpu", dtype, copy=True),
+                                              cama.kind)
+                cama = layers[ident]
+            out.append((intervention, cama))
+            described.append([_intervention_digest(intervention), ident])
+        return out, described
+
+    def _evaluate(self, cells, kind: str, label: str, submit_only: bool = False):
+        cells, described = self._upload_cells(cells)
+        key = _request_key(self.model, kind, [self._inputs_digest, described])
+        backend = self.client.backend(kind, label, key, cells=len(cells),
+                                      traces=len(cells) * len(self._inputs),
+                                      submit_only=submit_only)
+        cells_session(self.model.lm, self.model.sites, backend, cells, self._inputs)
+        if submit_only:
+            return backend.job_id
+        return self._assemble(backend.result["pred_ids"], backend.result["answer_logits"],
+                              len(cells))
+
+    def _assemble(self, pred_ids: torch.Tensor, answer_logits: torch.Tensor, n_cells: int
+                  ) -> list[Predictions]:
+        """Split cell-major, batch-ordered saves into per-cell :class:`Predictions`."""
+        if len(pred_ids) != n_cells * self.n_prompts or len(answer_logits) != len(pred_ids):
+            raise RemoteError(f"the server returned {len(pred_ids)} predictions for "
+                              f"{n_cells} cells x {self.n_prompts} prompts")
+        pred_ids = pred_ids.long().numpy()
+        answer_logits = answer_logits.float().numpy()
+        out, pos = [], 0
+        for _ in range(n_cells):
+            pred = np.zeros(self.n_prompts, dtype=np.int64)
+            logit = np.zeros(self.n_prompts, dtype=np.float32)
+            for indices, _ in self.batches:
+                pred[indices] = pred_ids[pos:pos + len(indices)]
+                logit[indices] = answer_logits[pos:pos + len(indices)]
+                pos += len(indices)
+            out.append(Predictions(pred, logit))
+        return out
+
+
+# -- models without weights -----------------------------------------------------------------------
+
+
+def load_remote_model(spec: str, *, revision: str | None = None, dtype: str = "bfloat16",
+                      attn_implementation: str = "sdpa"):
+    """An :class:`AF1Model` for a model NDIF runs: the architecture on the meta device (no
+    weights), its config and tokenizer.
+
+    Args:
+        spec: a Hub id (``meta-llama/Llama-3.1-8B``; config and tokenizer come from the Hub) or a
+            local checkpoint directory (same code path; for offline tests with ``backend="local"``).
+        revision: Hub revision; the model key sent to NDIF names it (default: the repo's main).
+        dtype: the dtype the server runs (NDIF: bfloat16). CAMA tables are uploaded in it.
+        attn_implementation: sent with every request (nnsight puts it in the request env).
+
+    Identity: ``model_id`` is the repo id and ``revision`` the Hub commit of its config (or the
+    revision asked for), so ``fingerprint`` is ``repo@commit``; a local directory is identified
+    by its weight files' hash as in :func:`interventions.load_model`.
+    """
+    from nnsight.modeling.transformers import TransformersModel
+    from transformers import AutoTokenizer
+
+    from ...mechanisms.adapters import adapter_for, check_attention
+    from ...mechanisms.models import (DTYPES, AF1Model, ModelIdentity, _first_line, _locate, _weights_sha256,
+                         left_padding)
+
+    check_attention(attn_implementation)
+    if dtype not in DTYPES:
+        raise UserError(f"unknown dtype {dtype!r}; use {', '.join(DTYPES)}")
+    source, location = _locate(spec)
+    if source not in ("hub", "local"):
+        raise UserError(f"remote runs need a Hub id (NDIF serves Hub checkpoints), not "
+                        f"{spec!r}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            tokenizer = AutoTokenizer.from_pretrained(location, revision=revision)
+            lm = TransformersModel(location, revision=revision, task="text-generation",
+                                   tokenizer=tokenizer, dtype=DTYPES[dtype],
+                                   attn_implementation=attn_implementation)
+    except OSError as err:
+        raise UserError(f"cannot load the config of {spec!r}: {_first_line(err)}") from None
+    hf = internals.wrapped_module(lm)
+    config = hf.config
+    adapter = adapter_for(config)
+    left_padding(tokenizer)
+    identity = ModelIdentity(
+        spec=spec, source="ndif" if source == "hub" else "local",
+        model_id=spec if source == "hub" else str(Path(location).resolve()),
+        revision=(getattr(config, "_commit_hash", None) or revision or "main")
+        if source == "hub" else None,
+        weights_sha256=None if source == "hub" else _weights_sha256(Path(location)),
+        architecture=config.model_type, n_layers=len(adapter.layer_modules(hf)), dtype=dtype,
+        device="ndif", attn_implementation=config._attn_implementation)
+    return AF1Model(lm, hf, tokenizer, adapter, identity)
+
+

@@ -1,0 +1,72 @@
+"""The request ledger: finished results and job ids of remote requests, on disk, so a rerun
+resumes instead of sending the same work again."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+from ...errors import UserError
+
+
+class RequestLedger:
+    """Results and job ids of remote requests, kept on disk so that a rerun resumes.
+
+    ``<directory>/requests.json`` maps a request key to its job id, state and encoding;
+    ``<directory>/<key>.result`` holds a finished result blob as received. Keys describe the
+    request's content (model, inputs, configurations, tables), so the same work maps to the same
+    key in a new process.
+    """
+
+    def __init__(self, directory: str | os.PathLike):
+        self.directory = Path(directory)
+        self.index_path = self.directory / "requests.json"
+        try:
+            self.index: dict = json.loads(self.index_path.read_text())
+        except FileNotFoundError:
+            self.index = {}
+        except ValueError:
+            raise UserError(f"{str(self.index_path)!r} is not a request ledger; remove it or "
+                            "choose another ledger directory") from None
+
+    def _save(self) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        tmp = self.index_path.with_name(f".{self.index_path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(self.index, indent=1, sort_keys=True))
+        tmp.replace(self.index_path)
+
+    def result(self, key: str) -> tuple[bytes, bool] | None:
+        """``(content, compress)`` of a finished request, or ``None``."""
+        entry = self.index.get(key)
+        path = self.directory / f"{key}.result"
+        if entry is None or entry.get("state") != "done" or not path.is_file():
+            return None
+        return path.read_bytes(), bool(entry["compress"])
+
+    def job(self, key: str) -> str | None:
+        entry = self.index.get(key)
+        return entry.get("job_id") if entry and entry.get("state") == "submitted" else None
+
+    def submitted(self, key: str, job_id: str, label: str) -> None:
+        self.index[key] = {"state": "submitted", "job_id": job_id, "label": label,
+                           "submitted": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        self._save()
+
+    def forget(self, key: str) -> None:
+        """Drop a job that failed on the server, so the request is sent again."""
+        if self.index.pop(key, None) is not None:
+            self._save()
+
+    def done(self, key: str, content: bytes, compress: bool, label: str,
+             job_id: str | None) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        path = self.directory / f"{key}.result"
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_bytes(content)
+        tmp.replace(path)
+        self.index[key] = {"state": "done", "job_id": job_id, "label": label,
+                           "compress": compress, "bytes": len(content)}
+        self._save()
+

@@ -1,0 +1,2 @@
+"""The pipeline: what a job runs (configuration, experiments, task runs, results, manifest,
+probe) and in which order."""

@@ -1,0 +1,327 @@
+"""Runs experiments end to end: tasks -> CAMA tables -> cells -> results, search, figures.
+
+``run.py`` parses flags into a :class:`~interventions.pipeline.config.JobConfig` and calls
+:func:`run_job`. Every check that can
+fail because of the user's input (model path, layer ranges, templates, empty data sets, CAMA
+table mismatch, output path) happens before anything is written to the output directory.
+
+Output directory layout::
+
+    manifest.json            how the results were made (model + hash, versions, git, timings)
+    results.jsonl            one line per evaluated cell (experiment, task, plan or layer window)
+    af1_search.json          frontier and AF1 configuration per swept task
+    probe.json               partial-result probe (three_operand experiment)
+    data/<task>-<style>/     the exact data sets (datasets.save_to_disk) with full-model predictions
+    figures/                 every figure (PNG, PDF, caption) and tables.md, from the files above
+
+Re-running the same command resumes: finished cells are skipped, a torn last line is dropped.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+from ..errors import UserError
+from ..mechanisms.cama import CamaTable
+from ..mechanisms.models import AF1Model, cache_dir, load_model
+from ..mechanisms.plan import AF1Plan
+from .config import (JobConfig, check_config, check_out_writable, default_out, grid_plans,
+                     parse_af1_config, parse_layer_values)
+from .experiments import (NEEDS_CONFIG, PAPER_STYLES, STYLE_TASKS, THREE_OPERAND_TASKS, Cell,
+                          af1_search, alternative_cells, config_cells, necessity_cells,
+                          parse_experiments, sweep_cells)
+from .manifest import base_manifest, now, write_json_atomic
+from .remote_jobs import dry_run, submit
+from .results import ResultsLog
+from .taskrun import TaskRun
+
+PROBE_TASK = "A+B-C"
+
+
+# -- the job ---------------------------------------------------------------------------------
+
+
+class Job:
+    """The state of one ``run.py`` invocation."""
+
+    def __init__(self, cfg: JobConfig, model: AF1Model, out: Path, experiments: list[str]):
+        self.cfg = cfg
+        self.model = model
+        self.out = out
+        self.experiments = experiments
+        self.cache_root = Path(cfg.cache_dir) if cfg.cache_dir else cache_dir()
+        self.timings: dict[str, float] = {}
+        self.manifest: dict = {}
+        self.log: ResultsLog | None = None
+        self.searches: dict[str, dict] = {}
+        self.client = None  # a RemoteClient for --remote, made once the output directory exists
+
+    def save_manifest(self) -> None:
+        write_json_atomic(self.out / "manifest.json", self.manifest)
+
+    def start(self, grid: dict) -> None:
+        """Create the output directory, refuse foreign results, write the first manifest."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.log = ResultsLog(self.out / "results.jsonl")
+        foreign = {r.get("model_fingerprint") for r in self.log} - {
+            self.model.identity.fingerprint}
+        if foreign:
+            raise UserError(f"{str(self.log.path)!r} holds results of another model "
+                            f"({foreign.pop()}); choose another --out")
+        previous = {}
+        if (self.out / "manifest.json").is_file():
+            try:
+                previous = json.loads((self.out / "manifest.json").read_text())
+            except ValueError:
+                previous = {}
+        self.manifest = base_manifest(self.cfg.argv)
+        self.manifest.update({
+            "status": "running",
+            "experiments": self.experiments,
+            "config": {k: v for k, v in asdict(self.cfg).items() if k != "argv"},
+            "model": self.model.identity.to_dict(),
+            "executor": self.cfg.executor,
+            "grid": grid,
+            "tasks": previous.get("tasks", {}),
+            "history": previous.get("history", []),
+            "resumed_rows": len(self.log),
+            "dropped_torn_line": self.log.dropped_torn_line,
+        })
+        self.save_manifest()
+
+    def finish(self, started: float, n_new: int) -> None:
+        self.timings["total_s"] = time.time() - started
+        if self.client is not None:
+            self.manifest["remote"] = self.client.stats.to_dict()
+        self.manifest["history"].append({"started": self.manifest["started"], "finished": now(),
+                                         "command": self.manifest["command"],
+                                         "n_rows_new": n_new})
+        self.manifest.update({"status": "complete", "finished": now(), "timings": self.timings,
+                              "n_rows": len(self.log), "n_rows_new": n_new})
+        self.save_manifest()
+
+
+def run_job(cfg: JobConfig) -> Path:
+    """Run the experiments described by ``cfg``; returns the output directory."""
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()  # saving a few hundred rows needs no bar
+    if not cfg.progress:
+        transformers.utils.logging.disable_progress_bar()
+    started = time.time()
+    experiments = parse_experiments(cfg.experiments)
+    out = Path(cfg.out) if cfg.out else default_out(cfg.model)
+    check_out_writable(out)
+    l_transfers = parse_layer_values(cfg.l_transfer, "l-transfer")
+    l_waits_spec = None if cfg.l_wait is None else parse_layer_values(cfg.l_wait, "l-wait")
+    check_config(cfg)
+
+    t = time.time()
+    model = _load(cfg)
+    job = Job(cfg, model, out, experiments)
+    job.timings["load_model_s"] = time.time() - t
+    n_layers = model.n_layers
+    l_waits = list(range(n_layers)) if l_waits_spec is None else l_waits_spec
+    plans = grid_plans(l_waits, l_transfers, n_layers)
+    fixed_config = parse_af1_config(cfg.af1_config, n_layers)
+
+    main_runs = [TaskRun(_build(cfg, model, task, cfg.style, cfg.template), job)
+                 for task in cfg.tasks]
+    for run in main_runs:
+        print(f"[af1] task {run.build.summary()}", flush=True)
+    if cfg.cama_table:
+        if len(main_runs) != 1:
+            raise UserError("--cama-table applies to a single task; pass one task with --tasks")
+        table = CamaTable.load(cfg.cama_table).check(
+            model.identity.fingerprint, main_runs[0].fingerprint, model.identity.dtype,
+            layers=sorted({p.l_wait for p in plans if p.l_wait > 0}))
+        main_runs[0].use_table(table, Path(cfg.cama_table))
+    extra_runs, skipped = _experiment_tasks(cfg, model, job, experiments)
+    if cfg.dry_run:
+        print(dry_run(job, main_runs, extra_runs, plans, fixed_config))
+        return out
+
+    # Every user-facing check is done: from here on the output directory is written.
+    job.start({"l_wait": l_waits, "l_transfer": l_transfers, "n_cells": len(plans)})
+    job.manifest["skipped_tasks"] = skipped
+    if cfg.remote:
+        from ..executors.remote.client import RemoteClient
+
+        job.client = RemoteClient(model, cfg.remote_backend, ledger=out / "remote",
+                                  blocking=not cfg.submit)
+    if cfg.submit:
+        submit(job, main_runs, plans)
+        return out
+    n_new = 0
+    t = time.time()
+
+    def config_for(run: TaskRun | None) -> AF1Plan:
+        """The AF1 configuration of ``run`` (``None``: of the first task, for the styles and
+        three-operand experiments), searched when first needed."""
+        return fixed_config or _model_config(job, run or main_runs[0], plans)
+
+    for experiment, run, cells in evaluation_plan(experiments, main_runs, extra_runs, plans,
+                                                  n_layers, config_for):
+        n_new += run.evaluate(cells, experiment)
+        if experiment == "sweep":
+            _search(job, run)
+    if any(e in experiments for e in NEEDS_CONFIG):
+        config = config_for(None)
+        job.manifest["af1_config"] = {"l_wait": config.l_wait, "l_transfer": config.l_transfer,
+                                      "source": "--af1-config" if fixed_config else
+                                      f"search on {main_runs[0].label}"}
+    if "three_operand" in experiments:
+        _probe(job, extra_runs["three_operand"])
+    job.timings["experiments_s"] = time.time() - t
+
+    from figures.render import render_all
+
+    t = time.time()
+    job.manifest["figures"] = [str(p.relative_to(out)) for p in render_all(out)]
+    job.timings["figures_s"] = time.time() - t
+    job.finish(started, n_new)
+    return out
+
+
+def evaluation_plan(experiments: Sequence[str], main_runs: list[TaskRun],
+                    extra_runs: dict[str, list[TaskRun]], plans: list[AF1Plan], n_layers: int,
+                    config_for: Callable[[TaskRun | None], AF1Plan]
+                    ) -> Iterator[tuple[str, TaskRun, list[Cell]]]:
+    """``(experiment, task run, cells)`` in the order a job evaluates them; the one place that
+    knows the order (runs, dry runs and submissions all follow it).
+
+    ``config_for(run)`` gives a task's AF1 configuration (``None``: the job's, for the styles and
+    three-operand experiments). The generator calls it only when it gets there, so a sweep
+    yielded earlier can be evaluated (and searched) first.
+    """
+    for experiment in experiments:
+        if experiment == "sweep":
+            for run in main_runs:
+                yield experiment, run, sweep_cells(plans)
+        elif experiment == "necessity":
+            for run in main_runs:
+                yield experiment, run, necessity_cells(n_layers)
+        elif experiment == "alternatives":
+            for run in main_runs:
+                yield experiment, run, alternative_cells(config_for(run))
+        else:
+            for run in extra_runs.get(experiment, []):
+                yield experiment, run, config_cells(experiment, config_for(None))
+
+
+def _load(cfg: JobConfig) -> AF1Model:
+    """The model: local weights, or for ``--remote`` the architecture only (after preflight).
+
+    ``--remote-backend local`` runs the remote path against local weights (the offline test).
+    """
+    if cfg.remote and cfg.remote_backend == "remote":
+        from ..executors.remote.preflight import preflight
+        from ..executors.remote.executor import load_remote_model
+
+        if cfg.device != "auto" or cfg.dtype not in ("auto", "bfloat16"):
+            print("[af1] note: --device/--dtype do not apply to NDIF (it runs bfloat16 on its "
+                  "own GPUs)", flush=True)
+        check = preflight(cfg.model, cfg.revision)
+        for warning in check.warnings:
+            print(f"[af1] warning: {warning}", flush=True)
+        return load_remote_model(cfg.model, revision=cfg.revision,
+                                 attn_implementation=cfg.attn_implementation)
+    return load_model(cfg.model, dtype=cfg.dtype, device=cfg.device,
+                      attn_implementation=cfg.attn_implementation, revision=cfg.revision)
+
+
+def _build(cfg: JobConfig, model: AF1Model, task: str, style: str, template: str | None):
+    from tasks import build_task
+
+    try:
+        return build_task(model.tokenizer, task=task, style=style, template=template,
+                          n_prompts=cfg.n_prompts, seed=cfg.seed,
+                          operand_range=cfg.operand_range)
+    except ValueError as err:
+        raise UserError(str(err)) from None
+
+
+def _experiment_tasks(cfg, model, job, experiments) -> tuple[dict[str, list[TaskRun]], list]:
+    """Data sets of the styles and three-operand experiments. A style the tokenizer cannot
+    serve (filtering empties it) is skipped and reported, not fatal."""
+    wanted: dict[str, list[tuple[str, str]]] = {"styles": [], "three_operand": []}
+    if "styles" in experiments:
+        wanted["styles"] = [(task, style) for task in STYLE_TASKS for style in PAPER_STYLES]
+    if "three_operand" in experiments:
+        style = cfg.style if cfg.template is None and cfg.style in (
+            "calculate", "symbolic", "code") else "calculate"
+        wanted["three_operand"] = [(task, style) for task in THREE_OPERAND_TASKS]
+    runs: dict[str, list[TaskRun]] = {name: [] for name in wanted}
+    skipped = []
+    for name, pairs in wanted.items():
+        for task, style in pairs:
+            try:
+                runs[name].append(TaskRun(_build(cfg, model, task, style, None), job))
+            except UserError as err:
+                skipped.append({"experiment": name, "task": task, "style": style,
+                                "reason": str(err)})
+                print(f"[af1] skipping {name} {task}/{style}: {err}", flush=True)
+    return runs, skipped
+
+
+def _search(job: Job, run: TaskRun) -> dict:
+    """Frontier and AF1 configuration of one task from its sweep rows (all on record)."""
+    rows = job.log.select(experiment="sweep", dataset_fingerprint=run.fingerprint, sink=True,
+                          wait_ablation="cama", transfer_peek="last")
+    result = {"task": run.task, "style": run.style, "dataset_fingerprint": run.fingerprint,
+              **af1_search(rows, job.cfg.threshold)}
+    job.searches[run.label] = result
+    searches = {}
+    path = job.out / "af1_search.json"
+    if path.is_file():
+        searches = json.loads(path.read_text())
+    searches[run.label] = result
+    write_json_atomic(path, searches)
+    job.manifest["af1_search"] = searches
+    job.save_manifest()
+    met = "" if result["met_threshold"] else f" (no cell reaches {job.cfg.threshold}: best cell)"
+    print(f"[af1] {run.label}: AF1 configuration L_wait={result['l_wait']}, "
+          f"L_transfer={result['l_transfer']}, faithfulness {result['faithfulness']}{met}",
+          flush=True)
+    return result
+
+
+def _model_config(job: Job, run: TaskRun, plans: list[AF1Plan]) -> AF1Plan:
+    """The AF1 configuration of a task: from this run's search, else from sweep rows already
+    in the output directory, else by running the sweep now."""
+    if run.label not in job.searches:
+        if not job.log.select(experiment="sweep", dataset_fingerprint=run.fingerprint):
+            print(f"[af1] {run.label}: running the sweep first to find the AF1 configuration",
+                  flush=True)
+            run.evaluate(sweep_cells(plans), "sweep")
+        _search(job, run)
+    found = job.searches[run.label]
+    return AF1Plan(found["l_wait"], found["l_transfer"])
+
+
+def _probe(job: Job, runs: list[TaskRun]) -> None:
+    from .probe import partial_result_probe
+
+    run = next((r for r in runs if r.task == PROBE_TASK), None)
+    if run is None:
+        return
+    path = job.out / "probe.json"
+    if path.is_file():
+        existing = json.loads(path.read_text())
+        if existing.get("dataset_fingerprint") == run.fingerprint:
+            return
+    t = time.time()
+    backend_for = None
+    if job.client is not None:
+        def backend_for(label):
+            return job.client.backend("probe", label)
+    result = partial_result_probe(job.model, run.dataset, batch_size=job.cfg.batch_size,
+                                  seed=job.cfg.seed, backend_for=backend_for)
+    result.update(task=run.task, style=run.style, dataset_fingerprint=run.fingerprint)
+    write_json_atomic(path, result)
+    job.timings["probe_s"] = time.time() - t
