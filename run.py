@@ -94,6 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
                            "or all (default sweep)")
     grid.add_argument("--threshold", type=float, default=0.9,
                       help="faithfulness the AF1 search requires (default 0.9)")
+    grid.add_argument("--threshold-on", default="point", choices=["point", "lower"],
+                      help="what must reach --threshold: the cell's faithfulness (point, "
+                           "default) or the lower end of its 95%% Wilson interval (lower: the "
+                           "prompts rule out a faithfulness below the threshold)")
     grid.add_argument("--af1-config", default=None, metavar="L_WAIT,L_TRANSFER",
                       help="use this AF1 configuration for alternatives/styles/three_operand "
                            "instead of searching the sweep")
@@ -135,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
             operand_range = (int(lo), int(hi))
         cfg = JobConfig(
             model=args.model, experiments=args.experiments, threshold=args.threshold,
+            threshold_on=args.threshold_on,
             af1_config=args.af1_config, executor=args.executor,
             tasks=[t.strip() for t in args.tasks.split(",") if t.strip()],
             style=args.style, template=args.template, l_wait=args.l_wait,

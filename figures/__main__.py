@@ -1,9 +1,24 @@
-"""``python -m figures RESULTS_DIR [--out DIR]``: rebuild every figure from saved results."""
+"""``python -m figures RESULTS_DIR [--out DIR] [--setting FIELD=VALUE,...]``: rebuild every
+figure from saved results."""
 
 import argparse
 import sys
 
-from .render import render_all
+from .render import SettingNotFound, render_all
+
+
+def parse_setting(spec: str | None) -> dict:
+    """``"dtype=bfloat16,backend=ndif"`` -> ``{"dtype": "bfloat16", "backend": "ndif"}``."""
+    if not spec:
+        return {}
+    fields = {}
+    for part in spec.split(","):
+        key, sep, value = part.partition("=")
+        if not sep or not key.strip() or not value.strip():
+            raise SettingNotFound(f"--setting takes FIELD=VALUE pairs separated by commas, got "
+                                  f"{spec!r}")
+        fields[key.strip()] = value.strip()
+    return fields
 
 
 def main(argv=None) -> int:
@@ -14,10 +29,15 @@ def main(argv=None) -> int:
     parser.add_argument("results_dir", help="a directory with results.jsonl and manifest.json")
     parser.add_argument("--out", default=None,
                         help="where to write (default RESULTS_DIR/figures)")
+    parser.add_argument("--setting", default=None, metavar="FIELD=VALUE,...",
+                        help="draw the rows of this setting (fields: dtype, attn_implementation, "
+                             "backend, answer_scoring; e.g. dtype=bfloat16); fields not given "
+                             "are the latest run's (manifest.json), and by default the whole "
+                             "setting is")
     args = parser.parse_args(argv)
     try:
-        written = render_all(args.results_dir, args.out)
-    except FileNotFoundError as err:
+        written = render_all(args.results_dir, args.out, setting=parse_setting(args.setting))
+    except (FileNotFoundError, SettingNotFound) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     for path in written:

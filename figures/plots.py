@@ -1,5 +1,6 @@
 """One function per figure kind. Each takes results rows (dicts from results.jsonl) and a path,
-draws with the shared style, and saves PNG + PDF + caption."""
+draws with the shared style, and saves PNG + PDF + caption. Every share is drawn with its 95%
+interval (the rows' ``*_ci`` fields): bands on lines, error bars on bars, marks on the heatmap."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
+
+from interventions.pipeline.stats import proportion_ci
 
 from .style import (FAITHFULNESS_CMAP, L_TRANSFER_LABEL, L_WAIT_LABEL, RC, plt, save_figure)
 
@@ -17,20 +20,47 @@ def _faith(row: dict) -> float:
     return np.nan if row["faithfulness"] is None else row["faithfulness"]
 
 
-def faithfulness_grid(rows: Iterable[dict]) -> tuple[list[int], list[int], np.ndarray]:
-    """``(l_wait values, l_transfer values, grid[l_transfer, l_wait])``; NaN where not run."""
+def _interval(row: dict, share: str = "faithfulness") -> tuple[float, float]:
+    """``(low, high)`` of a share's 95% interval; NaN when the share is undefined."""
+    ci = row[f"{share}_ci"]
+    return (np.nan, np.nan) if ci is None else (ci[0], ci[1])
+
+
+def _error_bars(values: Sequence[float | None], intervals: Sequence[list | None]) -> np.ndarray:
+    """``(2, N)`` distances from each value down and up to its interval's ends (for matplotlib's
+    ``xerr``/``yerr``); 0 where a value is undefined."""
+    errors = np.zeros((2, len(values)))
+    for i, (value, ci) in enumerate(zip(values, intervals)):
+        if value is not None and ci is not None:
+            errors[:, i] = (value - ci[0], ci[1] - value)
+    return errors
+
+
+def accuracy_interval(accuracy: float | None, n: int) -> list[float] | None:
+    """The 95% interval of an accuracy measured on ``n`` predictions (its count recovered by
+    rounding ``accuracy * n``)."""
+    return None if accuracy is None else proportion_ci(round(accuracy * n), n)
+
+
+def faithfulness_grid(rows: Iterable[dict], value=_faith
+                      ) -> tuple[list[int], list[int], np.ndarray]:
+    """``(l_wait values, l_transfer values, grid[l_transfer, l_wait])`` of ``value(row)``
+    (faithfulness by default); NaN where not run."""
     rows = list(rows)
     waits = sorted({r["l_wait"] for r in rows})
     transfers = sorted({r["l_transfer"] for r in rows})
     grid = np.full((len(transfers), len(waits)), np.nan)
     for r in rows:
-        grid[transfers.index(r["l_transfer"]), waits.index(r["l_wait"])] = _faith(r)
+        grid[transfers.index(r["l_transfer"]), waits.index(r["l_wait"])] = value(r)
     return waits, transfers, grid
 
 
 def heatmap(rows: Sequence[dict], path: Path, title: str, caption: str,
-            config: tuple[int, int] | None = None) -> list[Path]:
-    """Faithfulness over the grid (x: L_wait, y: L_transfer); the AF1 configuration boxed."""
+            config: tuple[int, int] | None = None, threshold: float | None = None
+            ) -> list[Path]:
+    """Faithfulness over the grid (x: L_wait, y: L_transfer); the AF1 configuration boxed.
+    With ``threshold``: a hollow circle on cells whose 95% interval reaches it (upper end >=
+    threshold), a filled one where the whole interval lies at or above it (lower end >=)."""
     waits, transfers, grid = faithfulness_grid(rows)
     with plt.rc_context(RC):
         fig, ax = plt.subplots(figsize=(max(4.0, 0.22 * len(waits) + 1.8),
@@ -43,6 +73,13 @@ def heatmap(rows: Sequence[dict], path: Path, title: str, caption: str,
             x, y = waits.index(config[0]), transfers.index(config[1])
             ax.add_patch(plt.Rectangle((x - 0.5, y - 0.5), 1, 1, fill=False, lw=1.8,
                                        edgecolor="red"))
+        if threshold is not None:
+            _, _, low = faithfulness_grid(rows, lambda r: _interval(r)[0])
+            _, _, high = faithfulness_grid(rows, lambda r: _interval(r)[1])
+            ys, xs = np.nonzero(high >= threshold)
+            filled = low[ys, xs] >= threshold
+            ax.scatter(xs, ys, s=14, facecolors=np.where(filled, "black", "none"),
+                       edgecolors="black", linewidths=0.8)
         ax.set_xlabel(L_WAIT_LABEL)
         ax.set_ylabel(L_TRANSFER_LABEL)
         ax.set_title(title)
@@ -52,13 +89,18 @@ def heatmap(rows: Sequence[dict], path: Path, title: str, caption: str,
 
 def faithfulness_lines(rows: Sequence[dict], path: Path, title: str, caption: str,
                        threshold: float | None = None) -> list[Path]:
-    """Faithfulness against L_wait, one line per L_transfer."""
+    """Faithfulness against L_wait, one line per L_transfer, each with its 95% interval as a
+    band."""
     waits, transfers, grid = faithfulness_grid(rows)
+    _, _, low = faithfulness_grid(rows, lambda r: _interval(r)[0])
+    _, _, high = faithfulness_grid(rows, lambda r: _interval(r)[1])
     with plt.rc_context(RC):
         fig, ax = plt.subplots(figsize=(6.0, 3.0))
         for i, t in enumerate(transfers):
-            ax.plot(waits, grid[i], marker="o", ms=3, lw=1.2,
-                    color=TRANSFER_COLORS[i % len(TRANSFER_COLORS)], label=f"$L_{{transfer}}$={t}")
+            color = TRANSFER_COLORS[i % len(TRANSFER_COLORS)]
+            ax.plot(waits, grid[i], marker="o", ms=3, lw=1.2, color=color,
+                    label=f"$L_{{transfer}}$={t}")
+            ax.fill_between(waits, low[i], high[i], color=color, alpha=0.15, lw=0)
         if threshold is not None:
             ax.axhline(threshold, color="grey", ls="--", lw=0.8, label=f"threshold {threshold}")
         ax.set_ylim(-0.03, 1.03)
@@ -76,9 +118,12 @@ def necessity(rows: Sequence[dict], path: Path, title: str, caption: str) -> lis
         fig, ax = plt.subplots(figsize=(6.0, 3.0))
         for i, w in enumerate(windows):
             sel = sorted((r for r in rows if r["window"] == w), key=lambda r: r["layer"])
-            ax.plot([r["layer"] for r in sel], [_faith(r) for r in sel], marker="o", ms=3,
-                    lw=1.2, color=TRANSFER_COLORS[i % len(TRANSFER_COLORS)],
+            layers = [r["layer"] for r in sel]
+            color = TRANSFER_COLORS[i % len(TRANSFER_COLORS)]
+            ax.plot(layers, [_faith(r) for r in sel], marker="o", ms=3, lw=1.2, color=color,
                     label=f"window of {w} layer{'s' if w > 1 else ''}")
+            ax.fill_between(layers, [_interval(r)[0] for r in sel],
+                            [_interval(r)[1] for r in sel], color=color, alpha=0.12, lw=0)
         ax.set_ylim(-0.03, 1.03)
         ax.set_xlabel("first layer of the window (0-indexed)")
         ax.set_ylabel("faithfulness")
@@ -87,30 +132,35 @@ def necessity(rows: Sequence[dict], path: Path, title: str, caption: str) -> lis
         return save_figure(fig, path, caption)
 
 
-def horizontal_bars(labels: Sequence[str], values: Sequence[float], path: Path, title: str,
-                    caption: str, xlabel: str = "faithfulness") -> list[Path]:
-    """One bar per label (used for the alternatives)."""
+def horizontal_bars(labels: Sequence[str], values: Sequence[float | None],
+                    intervals: Sequence[list | None], notes: Sequence[str], path: Path,
+                    title: str, caption: str, xlabel: str = "faithfulness") -> list[Path]:
+    """One bar per label with its 95% interval (used for the alternatives); ``notes`` are
+    printed beside the bars (counts, paired tests)."""
     with plt.rc_context(RC):
-        fig, ax = plt.subplots(figsize=(5.5, 0.35 * len(labels) + 1.0))
+        fig, ax = plt.subplots(figsize=(6.5, 0.38 * len(labels) + 1.0))
         y = np.arange(len(labels))[::-1]
-        values = [np.nan if v is None else v for v in values]
-        ax.barh(y, values, color="#4c72b0")
-        for yi, v in zip(y, values):
-            ax.text((0 if np.isnan(v) else v) + 0.01, yi, "n/a" if np.isnan(v) else f"{v:.2f}",
-                    va="center", fontsize=7)
+        errors = _error_bars(values, intervals)
+        heights = [np.nan if v is None else v for v in values]
+        ax.barh(y, heights, color="#4c72b0", xerr=errors, ecolor="black",
+                error_kw={"lw": 0.8, "capsize": 2})
+        for yi, ci, note in zip(y, intervals, notes):
+            ax.text((0 if ci is None else ci[1]) + 0.02, yi, note, va="center", fontsize=7)
         ax.set_yticks(y, labels)
-        ax.set_xlim(0, 1.1)
+        ax.set_xlim(0, 1.6)
+        ax.set_xticks(np.linspace(0, 1, 6))
         ax.set_xlabel(xlabel)
         ax.set_title(title)
         return save_figure(fig, path, caption)
 
 
-def grouped_bars(groups: Sequence[str], series: dict[str, Sequence[float]], path: Path,
+def grouped_bars(groups: Sequence[str], series: dict[str, tuple[Sequence, Sequence]], path: Path,
                  title: str, caption: str, ylabel: str = "share of prompts",
-                 panels: dict[str, tuple[Sequence[str], dict[str, Sequence[float]]]] | None = None
-                 ) -> list[Path]:
-    """Bars per group, one colour per series; ``panels`` draws several such charts side by side
-    (``{panel title: (groups, series)}``), otherwise one chart of ``groups``/``series``."""
+                 panels: dict[str, tuple[Sequence[str], dict[str, tuple[Sequence, Sequence]]]]
+                 | None = None) -> list[Path]:
+    """Bars per group, one colour per series, each with its 95% interval as an error bar
+    (``series``: ``{label: (values, intervals)}``); ``panels`` draws several such charts side
+    by side (``{panel title: (groups, series)}``), otherwise one chart of ``groups``/``series``."""
     panels = panels or {title: (groups, series)}
     with plt.rc_context(RC):
         fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.2), squeeze=False,
@@ -118,10 +168,12 @@ def grouped_bars(groups: Sequence[str], series: dict[str, Sequence[float]], path
         for ax, (panel_title, (names, data)) in zip(axes[0], panels.items()):
             x = np.arange(len(names))
             width = 0.8 / max(1, len(data))
-            for i, (label, values) in enumerate(data.items()):
+            for i, (label, (values, intervals)) in enumerate(data.items()):
                 vals = [np.nan if v is None else v for v in values]
                 ax.bar(x + (i - (len(data) - 1) / 2) * width, vals, width, label=label,
-                       color=TRANSFER_COLORS[i % len(TRANSFER_COLORS)])
+                       color=TRANSFER_COLORS[i % len(TRANSFER_COLORS)],
+                       yerr=_error_bars(values, intervals), ecolor="black",
+                       error_kw={"lw": 0.7, "capsize": 1.5})
             ax.set_xticks(x, names, rotation=30, ha="right")
             ax.set_ylim(0, 1.05)
             ax.set_title(panel_title if len(panels) > 1 else title)
@@ -133,14 +185,18 @@ def grouped_bars(groups: Sequence[str], series: dict[str, Sequence[float]], path
 
 
 def probe(result: dict, path: Path, title: str, caption: str) -> list[Path]:
-    """Partial-result probe accuracy per layer, with its controls."""
+    """Partial-result probe accuracy per layer, with its controls; the parity accuracy with its
+    95% interval over the ``n_pairs`` held-out predictions as a band."""
     scores = result["scores"]
     layers = [s["layer"] for s in scores]
     control = result["control_operands_h0"]
+    bands = [accuracy_interval(s["parity_accuracy"], result["n_pairs"]) for s in scores]
     with plt.rc_context(RC):
         fig, ax = plt.subplots(figsize=(6.0, 3.0))
         ax.plot(layers, [s["parity_accuracy"] for s in scores], marker="o", ms=3,
                 color="#d95f02", label=f"parity of {result['partial']} (held-out pairs)")
+        ax.fill_between(layers, [b[0] for b in bands], [b[1] for b in bands], color="#d95f02",
+                        alpha=0.15, lw=0)
         ax.plot(layers, [s["parity_shuffled_accuracy"] for s in scores], ls=":",
                 color="#999999", label="parity, shuffled labels")
         ax.plot(layers, [s["value_exact"] for s in scores], marker="s", ms=2.5,

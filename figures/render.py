@@ -1,8 +1,13 @@
 """Rebuild every figure and table of a results directory from its files alone (no model).
 
-Reads ``results.jsonl``, ``manifest.json``, ``af1_search.json`` and ``probe.json`` when present
-and writes ``figures/`` inside the results directory (or ``out``): one PNG + PDF + caption per
-figure, and ``tables.md``. Run it as ``python -m figures RESULTS_DIR``.
+Reads ``results.jsonl``, ``manifest.json``, ``af1_search.json``, ``probe.json`` and the saved
+data sets when present and writes ``figures/`` inside the results directory (or ``out``): one
+PNG + PDF + caption per figure, and ``tables.md``. Run it as ``python -m figures RESULTS_DIR``.
+
+A directory can hold rows of several settings (dtype, attention, backend, answer scoring); the
+figures and tables show one: the latest run's (``manifest.json``'s ``setting``), or the one asked
+for. Every share is shown with its 95% interval; variants run on the same prompts are compared
+by the exact McNemar test on the prompts they disagree on.
 """
 
 from __future__ import annotations
@@ -10,16 +15,20 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from interventions.pipeline.experiments import af1_search
+from interventions.pipeline.results import (SETTING_DEFAULTS, read_results, setting_label,
+                                            setting_name, setting_of)
+from interventions.pipeline.stats import paired
+
 from . import plots
 
 SWEEP_FILTER = {"experiment": "sweep", "sink": True, "wait_ablation": "cama",
                 "transfer_peek": "last"}
+AF1_VARIANT = "AF1 (CAMA + ABP)"
 
 
-def _read_rows(path: Path) -> list[dict]:
-    from interventions.pipeline.results import read_results
-
-    return read_results(path) if path.is_file() else []
+class SettingNotFound(LookupError):
+    """The setting asked for has no rows in the directory (the message lists those that do)."""
 
 
 def _read_json(path: Path) -> dict:
@@ -39,48 +48,143 @@ def _datasets(rows, experiment):
     return list(seen)
 
 
-def render_all(results_dir: str | Path, out: str | Path | None = None) -> list[Path]:
-    """Draw every figure the results support; returns the written paths."""
+def choose_setting(rows: list[dict], manifest: dict, asked: dict | None = None) -> dict:
+    """The setting to draw: the fields in ``asked`` over the latest run's setting (from the
+    manifest; the defaults for a directory written before settings were recorded).
+
+    Raises :class:`SettingNotFound` when ``asked`` names an unknown field, or when rows exist
+    but none in that setting."""
+    asked = asked or {}
+    unknown = sorted(set(asked) - set(SETTING_DEFAULTS))
+    if unknown:
+        raise SettingNotFound(f"unknown setting field {', '.join(unknown)}; choose from "
+                              f"{', '.join(SETTING_DEFAULTS)}")
+    setting = {**setting_of(manifest.get("setting", {})), **asked}
+    on_record = sorted({setting_label(setting_of(r)) for r in rows})
+    if rows and setting_label(setting) not in on_record:
+        raise SettingNotFound(f"no results in setting {setting_label(setting)}; this directory "
+                              f"holds {', '.join(on_record)} (dtype/attn/backend/answer)")
+    return setting
+
+
+class _Context:
+    """What every figure of one setting needs: its rows, searches, data sets and labels."""
+
+    def __init__(self, results_dir: Path, rows: list[dict], manifest: dict, setting: dict):
+        self.dir = results_dir
+        self.setting = setting
+        self.rows = [r for r in rows if setting_of(r) == setting]
+        self.searches = _read_json(results_dir / "af1_search.json")
+        self.config = manifest.get("config", {})
+        self.tasks_info = manifest.get("tasks", {})
+        model = manifest.get("model", {})
+        self.model_id = model.get("model_id", "model")
+        name = self.model_id.split(" (")[0].split("/")[-1]
+        self.who = (f"{name}, {model.get('n_layers', '?')} layers, "
+                    f"{setting_label(setting)} (dtype/attn/backend/answer)")
+        self._data: dict[str, dict | None] = {}
+
+    def name(self, task: str, style: str) -> str:
+        return setting_name(f"{task}-{style}", self.setting)
+
+    def search(self, task: str, style: str, fingerprint: str) -> dict:
+        """The AF1 search of a task in this setting, from its sweep rows, with the threshold
+        and rule of the saved search (else of the latest run's configuration)."""
+        sweep = _select(self.rows, dataset_fingerprint=fingerprint, **SWEEP_FILTER)
+        if not sweep:
+            return {}
+        saved = self.searches.get(self.name(task, style), {})
+        threshold = saved.get("threshold", self.config.get("threshold", 0.9))
+        rule = saved.get("threshold_on", self.config.get("threshold_on", "point"))
+        return af1_search(sweep, threshold, rule)
+
+    def template(self, task: str, style: str) -> str:
+        entry = (self.tasks_info.get(self.name(task, style))
+                 or self.tasks_info.get(f"{task}-{style}", {}))
+        return entry.get("template", style)
+
+    def outcomes(self, task: str, style: str) -> dict | None:
+        """The saved data set's answers and the full model's correctness in this setting
+        (``None`` when the data set was not saved)."""
+        name = self.name(task, style)
+        if name not in self._data:
+            self._data[name] = None
+            path = self.dir / "data" / name
+            if path.is_dir():
+                import datasets
+
+                data = datasets.load_from_disk(str(path))
+                self._data[name] = {"answers": data["answer_token_id"],
+                                    "full_ok": data["full_correct"]}
+        return self._data[name]
+
+    def compare(self, first: dict, second: dict) -> dict | None:
+        """Paired test of two rows of one data set on the prompts the full model gets right
+        (where faithfulness is measured): ``n_only_first``, ``n_only_second``, ``p_value``."""
+        data = self.outcomes(first["task"], first["style"])
+        if data is None:
+            return None
+        def right(row):
+            return [p == a for p, a, ok in zip(row["pred_ids"], data["answers"], data["full_ok"])
+                    if ok]
+        return paired(right(first), right(second))
+
+
+def render_all(results_dir: str | Path, out: str | Path | None = None,
+               setting: dict | None = None) -> list[Path]:
+    """Draw every figure the results of one setting support; returns the written paths.
+
+    ``setting``: fields of the setting to draw (any of dtype, attn_implementation, backend,
+    answer_scoring); the rest come from the latest run (:func:`choose_setting`)."""
     results_dir = Path(results_dir)
     if not (results_dir / "results.jsonl").is_file():
         raise FileNotFoundError(f"{results_dir} has no results.jsonl")
     out = Path(out) if out else results_dir / "figures"
-    rows = _read_rows(results_dir / "results.jsonl")
+    all_rows = read_results(results_dir / "results.jsonl")
     manifest = _read_json(results_dir / "manifest.json")
-    searches = _read_json(results_dir / "af1_search.json")
+    ctx = _Context(results_dir, all_rows, manifest, choose_setting(all_rows, manifest, setting))
     probe_result = _read_json(results_dir / "probe.json")
-    model = manifest.get("model", {})
-    model_name = model.get("model_id", "model").split(" (")[0].split("/")[-1]
-    n_layers = model.get("n_layers", "?")
-    who = f"{model_name}, {n_layers} layers"
-    tasks_info = manifest.get("tasks", {})
+    if probe_result and setting_of(probe_result) != ctx.setting:
+        probe_result = {}
+    rows, who = ctx.rows, ctx.who
     written: list[Path] = []
-    tables: list[str] = [f"# AF1 results: {model.get('model_id', 'model')}\n"]
+    others = sorted({setting_label(setting_of(r)) for r in all_rows}
+                    - {setting_label(ctx.setting)})
+    tables: list[str] = [
+        f"# AF1 results: {ctx.model_id}\n",
+        f"Setting {setting_label(ctx.setting)} (dtype/attention/backend/answer scoring), "
+        f"{len(rows)} rows" + (f"; other settings in this directory: {', '.join(others)}"
+                               if others else "") + ". Shares are shown as value [95% Wilson "
+        "interval] (right/total); p is the exact McNemar test on the prompts two variants "
+        "disagree on.\n"]
 
     for task, style, fp in _datasets(rows, "sweep"):
         label = f"{task}-{style}"
         sweep = _select(rows, dataset_fingerprint=fp, **SWEEP_FILTER)
-        search = searches.get(label, {})
+        search = ctx.search(task, style, fp)
         config = (search["l_wait"], search["l_transfer"]) if search else None
-        n = sweep[0]["n_prompts"]
-        acc = sweep[0]["full_accuracy"]
-        template = tasks_info.get(label, {}).get("template", style)
-        common = (f"Task {task}, template {template!r}, {n} prompts, full accuracy {acc:.3f}; "
-                  f"{who}. Faithfulness = share of the prompts the full model gets right that "
-                  "AF1 also gets right. h_k enters layer k (0-indexed); h_{L_wait} is replaced "
-                  "by CAMA at every non-sink position.")
-        boxed = (f" Red box: the AF1 configuration (L_wait={config[0]}, "
-                 f"L_transfer={config[1]}, threshold {search['threshold']}"
-                 f"{'' if search['met_threshold'] else ', not reached: best cell'}).") \
-            if config else ""
+        common = (f"Task {task}, template {ctx.template(task, style)!r}, "
+                  f"{sweep[0]['n_prompts']} prompts, full accuracy "
+                  f"{_share(sweep[0], 'full_accuracy')}; {who}. Faithfulness = share of the "
+                  "prompts the full model gets right that AF1 also gets right. h_k enters layer "
+                  "k (0-indexed); h_{L_wait} is replaced by CAMA at every non-sink position.")
+        boxed = ""
+        if config:
+            boxed = (f" Red box: the AF1 configuration (L_wait={config[0]}, "
+                     f"L_transfer={config[1]}, faithfulness {_share(search, 'faithfulness')}, "
+                     f"threshold {search['threshold']} on the {_rule(search)}"
+                     f"{'' if search['met_threshold'] else ', not reached: best cell'}). "
+                     f"Hollow circle: the cell's 95% interval reaches {search['threshold']}; "
+                     "filled: the whole interval lies at or above it.")
         written += plots.heatmap(sweep, out / f"heatmap_{label}", f"AF1 faithfulness: {task} "
                                  f"({style}), {who}", common + " Blank cells: L_wait + "
-                                 "L_transfer > L." + boxed, config)
+                                 "L_transfer > L." + boxed, config,
+                                 search.get("threshold"))
         written += plots.faithfulness_lines(
             sweep, out / f"faithfulness_vs_lwait_{label}", f"Faithfulness vs L_wait: {task}",
-            common, search.get("threshold"))
+            common + " Bands: 95% Wilson intervals.", search.get("threshold"))
         if search:
-            tables.append(_search_table(label, search))
+            tables.append(_search_table(label, search, sweep, ctx))
 
     for task, style, fp in _datasets(rows, "necessity"):
         label = f"{task}-{style}"
@@ -89,44 +193,51 @@ def render_all(results_dir: str | Path, out: str | Path | None = None) -> list[P
             sel, out / f"necessity_{label}", f"Necessity of last-token reading: {task}",
             f"Full model except that, in a window of consecutive layers starting at the given "
             f"layer, the last token may attend only to the sink and itself; every other token "
-            f"keeps full attention. Faithfulness per window; task {task} ({style}), "
-            f"{sel[0]['n_prompts']} prompts; {who}. Low values mark layers where the last token "
-            "must read the other tokens.")
+            f"keeps full attention. Faithfulness per window (bands: 95% Wilson intervals); "
+            f"task {task} ({style}), {sel[0]['n_prompts']} prompts; {who}. Low values mark "
+            "layers where the last token must read the other tokens.")
 
     for task, style, fp in _datasets(rows, "alternatives"):
         label = f"{task}-{style}"
         sel = _select(rows, experiment="alternatives", dataset_fingerprint=fp)
         cfg = (sel[0]["l_wait"], sel[0]["l_transfer"])
+        base = next((r for r in sel if r["variant"] == AF1_VARIANT), None)
+        tests = [ctx.compare(base, r) if base and r is not base else None for r in sel]
+        notes = [_count(r) + ("" if t is None else f", p={t['p_value']:.2g} vs AF1")
+                 for r, t in zip(sel, tests)]
         written += plots.horizontal_bars(
             [r["variant"] for r in sel], [r["faithfulness"] for r in sel],
+            [r["faithfulness_ci"] for r in sel], notes,
             out / f"alternatives_{label}", f"Alternatives to CAMA and ABP: {task}",
             f"AF1 at L_wait={cfg[0]}, L_transfer={cfg[1]} with one stage replaced: the wait "
             "stage by zero ablation, a position-only mean, or nothing; the transfer stage by "
-            "letting every token peek, or by removing the sink. Task "
-            f"{task} ({style}), {sel[0]['n_prompts']} prompts; {who}.")
+            "letting every token peek, or by removing the sink. Error bars: 95% Wilson "
+            "intervals; p: exact McNemar test against AF1 on the prompts the full model gets "
+            f"right. Task {task} ({style}), {sel[0]['n_prompts']} prompts; {who}.")
         tables.append(_cell_table(f"Alternatives, {label} (L_wait={cfg[0]}, "
-                                  f"L_transfer={cfg[1]})", sel, "variant"))
+                                  f"L_transfer={cfg[1]})", sel, "variant",
+                                  paired_with=("AF1", tests)))
 
     styles = _select(rows, experiment="styles")
     if styles:
         panels = {}
         for op_task in ("A+B", "A-B"):
             sel = [r for r in styles if r["task"] == op_task]
-            panels[op_task] = ([r["style"] for r in sel], {
-                "full accuracy": [r["full_accuracy"] for r in sel],
-                "AF1 faithfulness": [r["faithfulness"] for r in sel]})
+            panels[op_task] = ([r["style"] for r in sel], _series(sel, {
+                "full accuracy": "full_accuracy", "AF1 faithfulness": "faithfulness"}))
         cfg = (styles[0]["l_wait"], styles[0]["l_transfer"])
         written += plots.grouped_bars(
             [], {}, out / "styles", f"AF1 across input styles (L_wait={cfg[0]}, "
             f"L_transfer={cfg[1]})",
             f"Full accuracy and AF1 faithfulness for the paper's six input styles, for + and -, "
-            f"at the model's AF1 configuration; {who}.", panels=panels)
+            f"at the model's AF1 configuration, with 95% Wilson intervals; {who}.",
+            panels=panels)
         tables.append(_cell_table("Input styles", styles, "style", with_task=True))
 
     summary = _select(rows, experiment="three_operand")
     main_at_config = []
     for task, style, fp in _datasets(rows, "sweep"):
-        search = searches.get(f"{task}-{style}")
+        search = ctx.search(task, style, fp)
         if search:
             main_at_config += _select(rows, dataset_fingerprint=fp, l_wait=search["l_wait"],
                                       l_transfer=search["l_transfer"], **SWEEP_FILTER)
@@ -134,12 +245,11 @@ def render_all(results_dir: str | Path, out: str | Path | None = None) -> list[P
     if per_task:
         written += plots.grouped_bars(
             [f"{r['task']}\n({r['style']})" for r in per_task],
-            {"full accuracy": [r["full_accuracy"] for r in per_task],
-             "AF1 accuracy": [r["af1_accuracy"] for r in per_task]},
+            _series(per_task, {"full accuracy": "full_accuracy", "AF1 accuracy": "af1_accuracy"}),
             out / "tasks_full_vs_af1", "Full model vs AF1 per task",
             "Share of all prompts answered right by the full model and by AF1 at the model's "
             "AF1 configuration, per task (two-operand tasks from the sweep, three-operand tasks "
-            f"from the three_operand experiment); {who}.")
+            f"from the three_operand experiment), with 95% Wilson intervals; {who}.")
         tables.append(_cell_table("Per task at the AF1 configuration", per_task, "task",
                                   with_task=False))
 
@@ -163,43 +273,106 @@ def render_all(results_dir: str | Path, out: str | Path | None = None) -> list[P
     return written
 
 
+def _series(rows: list[dict], shares: dict[str, str]) -> dict[str, tuple[list, list]]:
+    """``{legend label: (values, 95% intervals)}`` of the named shares of ``rows``."""
+    return {label: ([r[share] for r in rows], [r[f"{share}_ci"] for r in rows])
+            for label, share in shares.items()}
+
+
 def _fmt(value) -> str:
     return "n/a" if value is None else f"{value:.3f}"
 
 
-def _search_table(label: str, search: dict) -> str:
+def _count(row: dict) -> str:
+    """``24/26``: the faithfulness count of a row."""
+    return f"{row['n_af1_correct_of_full']}/{row['n_full_correct']}"
+
+
+def _share(row: dict, share: str) -> str:
+    """``0.923 [0.759, 0.979] (24/26)``: a share with its 95% interval and counts."""
+    if row[share] is None:
+        return "n/a (the full model gets none right)"
+    right, total = {"faithfulness": ("n_af1_correct_of_full", "n_full_correct"),
+                    "full_accuracy": ("n_full_correct", "n_prompts"),
+                    "af1_accuracy": ("n_af1_correct", "n_prompts")}[share]
+    low, high = row[f"{share}_ci"]
+    return f"{row[share]:.3f} [{low:.3f}, {high:.3f}] ({row[right]}/{row[total]})"
+
+
+def _rule(search: dict) -> str:
+    return ("95% interval's lower end" if search.get("threshold_on") == "lower"
+            else "point estimate")
+
+
+def _search_table(label: str, search: dict, sweep: list[dict], ctx: _Context) -> str:
+    chosen = (search["l_wait"], search["l_transfer"])
     lines = [f"## AF1 search, {label}", "",
-             f"Threshold {search['threshold']}: AF1 configuration L_wait={search['l_wait']}, "
-             f"L_transfer={search['l_transfer']} (faithfulness {_fmt(search['faithfulness'])}"
-             f"{'' if search['met_threshold'] else ', threshold not reached: best cell'}).", "",
+             f"Threshold {search['threshold']} on the {_rule(search)}: AF1 configuration "
+             f"L_wait={chosen[0]}, L_transfer={chosen[1]}, faithfulness "
+             f"{_share(search, 'faithfulness')}"
+             f"{'' if search['met_threshold'] else ' (threshold not reached: best cell)'}.", "",
              "| L_transfer | largest L_wait at threshold |", "|---|---|"]
     lines += [f"| {t} | {w if w is not None else '-'} |" for t, w in search["frontier"].items()]
+    # The cells next to the chosen one, compared with it on the same prompts: how firmly the
+    # prompts single it out.
+    cells = {(r["l_wait"], r["l_transfer"]): r for r in sweep}
+    base = cells.get(chosen)
+    near = [cells[(chosen[0] + dw, chosen[1] + dt)] for dw, dt in
+            ((0, 0), (-1, 0), (1, 0), (0, -1), (0, 1)) if (chosen[0] + dw, chosen[1] + dt) in cells]
+    if base is not None and len(near) > 1:
+        lines += ["", "Cells next to it, on the same prompts (McNemar: prompts only the AF1 "
+                  "configuration / only the neighbour gets right, of those the full model gets "
+                  "right):", "", "| L_wait | L_transfer | faithfulness | vs AF1 configuration |",
+                  "|---|---|---|---|"]
+        for r in near:
+            test = None if r is base else ctx.compare(base, r)
+            versus = ("-" if test is None else f"{test['n_only_first']} / "
+                      f"{test['n_only_second']}, p={test['p_value']:.2g}")
+            lines.append(f"| {r['l_wait']} | {r['l_transfer']} | {_share(r, 'faithfulness')} "
+                         f"| {versus} |")
     return "\n".join(lines) + "\n"
 
 
-def _cell_table(title: str, rows: list[dict], key: str, with_task: bool = False) -> str:
+def _cell_table(title: str, rows: list[dict], key: str, with_task: bool = False,
+                paired_with: tuple[str, list[dict | None]] | None = None) -> str:
+    """One row per results row: its shares with intervals, AF1 against the full model on the
+    same prompts, and (``paired_with``: a name and one test per row) against another variant."""
     head = "| task | " if with_task else "| "
-    lines = [f"## {title}", "", head + f"{key} | full accuracy | AF1 accuracy | faithfulness | "
-             "n prompts |", "|---" * (5 + with_task) + "|"]
-    for r in rows:
-        faith = _fmt(r["faithfulness"])
+    extra = "" if paired_with is None else f" {paired_with[0]}-only / this-only, p |"
+    lines = [f"## {title}", "",
+             head + f"{key} | full accuracy | AF1 accuracy | faithfulness | AF1 vs full: "
+             "full-only / AF1-only, p |" + extra,
+             "|---" * (5 + with_task + (paired_with is not None)) + "|"]
+    tests = paired_with[1] if paired_with else [None] * len(rows)
+    for r, test in zip(rows, tests):
         prefix = f"| {r['task']} | " if with_task else "| "
-        lines.append(prefix + f"{r[key]} | {r['full_accuracy']:.3f} | {r['af1_accuracy']:.3f} "
-                     f"| {faith} | {r['n_prompts']} |")
+        vs_full = r["af1_vs_full"]
+        line = (prefix + f"{r[key]} | {_share(r, 'full_accuracy')} | "
+                f"{_share(r, 'af1_accuracy')} | {_share(r, 'faithfulness')} | "
+                f"{vs_full['n_full_only']} / {vs_full['n_af1_only']}, "
+                f"p={vs_full['p_value']:.2g} |")
+        if paired_with is not None:
+            line += (" - |" if test is None else f" {test['n_only_first']} / "
+                     f"{test['n_only_second']}, p={test['p_value']:.2g} |")
+        lines.append(line)
     return "\n".join(lines) + "\n"
 
 
 def _probe_table(result: dict) -> str:
+    n = result["n_pairs"]
+
+    def acc(value) -> str:
+        ci = plots.accuracy_interval(value, n)
+        return _fmt(value) if ci is None else f"{value:.3f} [{ci[0]:.2f}, {ci[1]:.2f}]"
+
     c = result["control_operands_h0"]
     lines = [f"## Partial-result probe, {result['task']} ({result['partial']} at the token "
-             f"before C, {result['n_pairs']} operand pairs)", "",
+             f"before C, {n} operand pairs; accuracies out of fold, with 95% Wilson "
+             "intervals)", "",
              "| layer | parity acc. | parity, shuffled | value exact | value R^2 |",
              "|---|---|---|---|---|"]
-    for s in result["scores"]:
-        lines.append(f"| {s['layer']} | {_fmt(s['parity_accuracy'])} | "
-                     f"{_fmt(s['parity_shuffled_accuracy'])} | {_fmt(s['value_exact'])} | "
+    for s in result["scores"] + [{**c, "layer": "control [h_0(A); h_0(B)]"}]:
+        lines.append(f"| {s['layer']} | {acc(s['parity_accuracy'])} | "
+                     f"{acc(s['parity_shuffled_accuracy'])} | {acc(s['value_exact'])} | "
                      f"{_fmt(s['value_r2'])} |")
-    lines.append(f"| control [h_0(A); h_0(B)] | {_fmt(c['parity_accuracy'])} | "
-                 f"{_fmt(c['parity_shuffled_accuracy'])} | {_fmt(c['value_exact'])} | "
-                 f"{_fmt(c['value_r2'])} |")
     return "\n".join(lines) + "\n"

@@ -20,7 +20,8 @@ from interventions.mechanisms.cama import build_cama_table
 from interventions.pipeline.experiments import (ALTERNATIVES, af1_search, alternative_cells, frontier,
                                        necessity_cells, parse_experiments)
 from interventions.mechanisms.plan import AF1Plan
-from interventions.pipeline.results import read_results
+from interventions.pipeline.results import complete_row, read_results
+from test_stats import wilson_by_formula
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPTS = ["Calculate: 3+4=", "3+5=", "What is 2+2? ", "Calculate: 1+7=", "7+1="]
@@ -85,19 +86,47 @@ def test_alternatives_equal_hook_implementation(arch, digit_tok):
             assert not torch.allclose(got, base, atol=1e-4), variant
 
 
-def row(w, t, faith):
-    return {"l_wait": w, "l_transfer": t, "faithfulness": faith, "full_accuracy": 0.5}
+def row(w, t, right, full=40):
+    """A sweep row whose AF1 keeps ``right`` of the ``full`` prompts the full model gets right
+    (``right=None``: the full model gets none right), with the fields results.jsonl gives it."""
+    if right is None:
+        right, full = 0, 0
+    counts = {"l_wait": w, "l_transfer": t, "n_prompts": 2 * max(full, 40), "n_full_correct": full,
+              "n_af1_correct_of_full": right, "n_af1_correct": right,
+              "faithfulness": right / full if full else None,
+              "full_accuracy": full / (2 * max(full, 40))}
+    return complete_row(counts)
 
 
 def test_af1_search_takes_largest_wait_then_smallest_transfer():
-    rows = [row(5, 1, 0.95), row(8, 2, 0.91), row(8, 1, 0.7), row(8, 3, 0.99), row(9, 4, 0.89),
-            row(3, 4, 0.995), row(9, 3, None)]
+    # Faithfulness 0.95, 0.925, 0.7, 0.975, 0.875, 0.995 and undefined.
+    rows = [row(5, 1, 38), row(8, 2, 37), row(8, 1, 28), row(8, 3, 39), row(9, 4, 35),
+            row(3, 4, 199, full=200), row(9, 3, None)]
     assert frontier(rows, 0.9) == {1: 5, 2: 8, 3: 8, 4: 3}
     found = af1_search(rows, 0.9)
     assert (found["l_wait"], found["l_transfer"], found["met_threshold"]) == (8, 2, True)
+    assert found["threshold_on"] == "point"
+    assert (found["n_af1_correct_of_full"], found["n_full_correct"]) == (37, 40)
+    assert found["faithfulness_ci"] == pytest.approx(wilson_by_formula(37, 40), abs=1e-12)
     # Nothing reaches 0.999: the best cell (largest wait among ties) is reported, flagged.
     found = af1_search(rows, 0.999)
     assert (found["l_wait"], found["l_transfer"], found["met_threshold"]) == (3, 4, False)
+
+
+def test_af1_search_on_the_lower_bound():
+    # Wilson lower ends (formula in test_stats): 40/40 -> 0.912, 39/40 -> 0.871, 38/40 ->
+    # 0.835, and 200/200 -> 0.981: only intervals that exclude < 0.9 pass.
+    rows = [row(5, 1, 40), row(8, 3, 39), row(9, 2, 38), row(4, 2, 200, full=200)]
+    assert wilson_by_formula(40, 40)[0] > 0.9 > wilson_by_formula(39, 40)[0]
+    found = af1_search(rows, 0.9, on="lower")
+    assert (found["l_wait"], found["l_transfer"], found["met_threshold"]) == (5, 1, True)
+    assert found["threshold_on"] == "lower"
+    assert frontier(rows, 0.9, on="lower") == {1: 5, 2: 4, 3: None}
+    # The point rule takes the largest wait whose estimate passes, however few prompts.
+    assert (af1_search(rows, 0.9)["l_wait"], af1_search(rows, 0.9)["l_transfer"]) == (9, 2)
+    # No lower end reaches 0.99: the cell with the highest lower end, flagged.
+    found = af1_search(rows, 0.99, on="lower")
+    assert (found["l_wait"], found["l_transfer"], found["met_threshold"]) == (4, 2, False)
 
 
 def test_parse_experiments():
@@ -155,9 +184,24 @@ def test_figures_rebuild_from_results_with_no_model_and_no_torch(tmp_path):
                       cache_dir=str(tmp_path / "cache"), l_transfer="1-2"))
     made = sorted(p.name for p in (out / "figures").iterdir())
     rebuilt = tmp_path / "rebuilt"
-    code = ("import sys; sys.modules['torch'] = None; sys.modules['transformers'] = None; "
-            "sys.modules['nnsight'] = None; from figures.__main__ import main; "
-            f"sys.exit(main([{str(out)!r}, '--out', {str(rebuilt)!r}]))")
+    # As on a machine without them: every import finder reports torch, transformers and
+    # nnsight as absent (a probe finds nothing, an import raises ModuleNotFoundError).
+    code = ("import sys\n"
+            "ABSENT = ('torch', 'transformers', 'nnsight')\n"
+            "class Hide:\n"
+            "    def __init__(self, finder):\n"
+            "        self.finder = finder\n"
+            "    def __getattr__(self, name):\n"
+            "        return getattr(self.finder, name)\n"
+            "    def find_spec(self, name, path=None, target=None):\n"
+            "        if name.split('.')[0] in ABSENT:\n"
+            "            return None\n"
+            "        return self.finder.find_spec(name, path, target)\n"
+            "sys.meta_path[:] = [Hide(f) for f in sys.meta_path]\n"
+            "from figures.__main__ import main\n"
+            f"code = main([{str(out)!r}, '--out', {str(rebuilt)!r}])\n"
+            "assert not set(ABSENT) & set(sys.modules), 'imported'\n"
+            "sys.exit(code)\n")
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
                             text=True, timeout=300)
     assert result.returncode == 0, result.stderr

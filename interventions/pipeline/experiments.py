@@ -104,44 +104,69 @@ def config_cells(experiment: str, config: AF1Plan) -> list[Cell]:
 
 # -- AF1 search ------------------------------------------------------------------------------
 
+# What must reach the threshold (``--threshold-on``): the faithfulness itself, or the lower end
+# of its 95% interval (a cell passes only if the data rule out faithfulness below it).
+THRESHOLD_RULES = ("point", "lower")
 
-def frontier(rows: list[dict], threshold: float) -> dict[int, int | None]:
-    """For each ``L_transfer``, the largest ``L_wait`` whose faithfulness is >= ``threshold``."""
+
+def search_statistic(row: dict, on: str = "point") -> float | None:
+    """The number the AF1 search compares with the threshold: the row's faithfulness
+    (``on="point"``) or the lower end of its 95% interval (``on="lower"``); ``None`` when the
+    full model gets no prompt right."""
+    if row["faithfulness"] is None:
+        return None
+    return row["faithfulness"] if on == "point" else row["faithfulness_ci"][0]
+
+
+def frontier(rows: list[dict], threshold: float, on: str = "point") -> dict[int, int | None]:
+    """For each ``L_transfer``, the largest ``L_wait`` whose :func:`search_statistic` is
+    >= ``threshold``."""
     best: dict[int, int | None] = {}
     for row in rows:
         t = row["l_transfer"]
         best.setdefault(t, None)
-        if row["faithfulness"] is not None and row["faithfulness"] >= threshold:
+        value = search_statistic(row, on)
+        if value is not None and value >= threshold:
             if best[t] is None or row["l_wait"] > best[t]:
                 best[t] = row["l_wait"]
     return dict(sorted(best.items()))
 
 
-def af1_search(rows: list[dict], threshold: float) -> dict:
-    """The model's AF1 configuration from sweep rows: among cells at or above ``threshold``,
-    the largest ``L_wait``, then the smallest ``L_transfer``.
+def af1_search(rows: list[dict], threshold: float, on: str = "point") -> dict:
+    """The model's AF1 configuration from sweep rows: among cells whose faithfulness (``on=
+    "point"``) or its interval's lower end (``on="lower"``) is at or above ``threshold``, the
+    largest ``L_wait``, then the smallest ``L_transfer``.
 
-    When no cell reaches the threshold, the most faithful cell is reported instead (largest
-    ``L_wait``, then smallest ``L_transfer`` among ties) with ``met_threshold = False``, so later
-    experiments still have a configuration to run at; the report says so.
+    When no cell reaches the threshold, the cell with the highest such value is reported instead
+    (largest ``L_wait``, then smallest ``L_transfer`` among ties) with ``met_threshold = False``,
+    so later experiments still have a configuration to run at; the report says so. The chosen
+    cell's counts and 95% interval are part of the result.
     """
     if not rows:
         raise UserError("the AF1 search needs sweep results; run the sweep experiment")
-    passing = [r for r in rows if r["faithfulness"] is not None
-               and r["faithfulness"] >= threshold]
+    defined = [r for r in rows if search_statistic(r, on) is not None]
+    passing = [r for r in defined if search_statistic(r, on) >= threshold]
     met = bool(passing)
-    pool = passing or [r for r in rows if r["faithfulness"] is not None] or rows
-    top = max(r["faithfulness"] or 0.0 for r in pool) if not met else None
+    pool = passing
     if not met:
-        pool = [r for r in pool if (r["faithfulness"] or 0.0) == top]
+        pool = defined or rows
+        top = max(search_statistic(r, on) or 0.0 for r in pool)
+        pool = [r for r in pool if (search_statistic(r, on) or 0.0) == top]
     chosen = max(pool, key=lambda r: (r["l_wait"], -r["l_transfer"]))
     return {
         "threshold": threshold,
+        "threshold_on": on,
         "met_threshold": met,
         "l_wait": chosen["l_wait"],
         "l_transfer": chosen["l_transfer"],
         "faithfulness": chosen["faithfulness"],
+        "faithfulness_ci": chosen["faithfulness_ci"],
+        "n_full_correct": chosen["n_full_correct"],
+        "n_af1_correct_of_full": chosen["n_af1_correct_of_full"],
         "full_accuracy": chosen["full_accuracy"],
-        "frontier": {str(t): w for t, w in frontier(rows, threshold).items()},
+        "full_accuracy_ci": chosen["full_accuracy_ci"],
+        "n_prompts": chosen["n_prompts"],
+        "ci_method": chosen["ci_method"],
+        "frontier": {str(t): w for t, w in frontier(rows, threshold, on).items()},
         "n_cells": len(rows),
     }

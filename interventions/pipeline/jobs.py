@@ -15,6 +15,9 @@ Output directory layout::
     figures/                 every figure (PNG, PDF, caption) and tables.md, from the files above
 
 Re-running the same command resumes: finished cells are skipped, a torn last line is dropped.
+A cell counts as finished only in the same setting (dtype, attention implementation, backend,
+answer scoring): a run in another setting evaluates its cells and keeps its rows apart, and the
+search, figures and tables use the current setting's rows.
 """
 
 from __future__ import annotations
@@ -36,7 +39,8 @@ from .experiments import (NEEDS_CONFIG, PAPER_STYLES, STYLE_TASKS, THREE_OPERAND
                           parse_experiments, sweep_cells)
 from .manifest import base_manifest, now, write_json_atomic
 from .remote_jobs import dry_run, submit
-from .results import ResultsLog
+from .results import SETTING_DEFAULTS, ResultsLog, setting_label, setting_of
+from .stats import CI_LEVEL, CI_METHOD, PAIRED_TEST
 from .taskrun import TaskRun
 
 PROBE_TASK = "A+B-C"
@@ -59,12 +63,17 @@ class Job:
         self.log: ResultsLog | None = None
         self.searches: dict[str, dict] = {}
         self.client = None  # a RemoteClient for --remote, made once the output directory exists
+        # The setting every row of this job is measured in (besides the task's answer scoring).
+        self.setting = {"dtype": model.identity.dtype,
+                        "attn_implementation": model.identity.attn_implementation,
+                        "backend": backend_name(cfg)}
 
     def save_manifest(self) -> None:
         write_json_atomic(self.out / "manifest.json", self.manifest)
 
-    def start(self, grid: dict) -> None:
-        """Create the output directory, refuse foreign results, write the first manifest."""
+    def start(self, grid: dict, setting: dict) -> None:
+        """Create the output directory, refuse foreign results, write the first manifest
+        (``setting``: what this run's rows are measured in)."""
         self.out.mkdir(parents=True, exist_ok=True)
         self.log = ResultsLog(self.out / "results.jsonl")
         foreign = {r.get("model_fingerprint") for r in self.log} - {
@@ -88,9 +97,17 @@ class Job:
             "grid": grid,
             "tasks": previous.get("tasks", {}),
             "history": previous.get("history", []),
+            "setting": setting,
+            "settings_on_record": _settings_on_record(self.log),
+            "intervals": {"method": CI_METHOD, "level": CI_LEVEL, "paired_test": PAIRED_TEST},
             "resumed_rows": len(self.log),
+            "rows_without_setting": self.log.n_legacy_rows,
             "dropped_torn_line": self.log.dropped_torn_line,
         })
+        if self.log.n_legacy_rows:
+            print(f"[af1] {self.log.n_legacy_rows} rows in {self.log.path} record no setting; "
+                  f"they are read as {setting_label(SETTING_DEFAULTS)} (what runs used then)",
+                  flush=True)
         self.save_manifest()
 
     def finish(self, started: float, n_new: int) -> None:
@@ -99,10 +116,29 @@ class Job:
             self.manifest["remote"] = self.client.stats.to_dict()
         self.manifest["history"].append({"started": self.manifest["started"], "finished": now(),
                                          "command": self.manifest["command"],
+                                         "setting": self.manifest["setting"],
                                          "n_rows_new": n_new})
+        self.manifest["settings_on_record"] = _settings_on_record(self.log)
         self.manifest.update({"status": "complete", "finished": now(), "timings": self.timings,
                               "n_rows": len(self.log), "n_rows_new": n_new})
         self.save_manifest()
+
+
+def backend_name(cfg: JobConfig) -> str:
+    """Where cells run: ``local`` (this machine's executors), ``ndif`` (NDIF's servers, which
+    run bfloat16), ``ndif-local`` (the NDIF request path run here, ``--remote-backend local``)."""
+    if not cfg.remote:
+        return "local"
+    return "ndif" if cfg.remote_backend == "remote" else "ndif-local"
+
+
+def _settings_on_record(log: ResultsLog) -> dict[str, int]:
+    """How many rows each setting has in ``log`` (``dtype/attn/backend/scoring``: count)."""
+    counts: dict[str, int] = {}
+    for row in log:
+        label = setting_label(setting_of(row))
+        counts[label] = counts.get(label, 0) + 1
+    return counts
 
 
 def run_job(cfg: JobConfig) -> Path:
@@ -147,7 +183,8 @@ def run_job(cfg: JobConfig) -> Path:
         return out
 
     # Every user-facing check is done: from here on the output directory is written.
-    job.start({"l_wait": l_waits, "l_transfer": l_transfers, "n_cells": len(plans)})
+    job.start({"l_wait": l_waits, "l_transfer": l_transfers, "n_cells": len(plans)},
+              main_runs[0].setting)
     job.manifest["skipped_tasks"] = skipped
     if cfg.remote:
         from ..executors.remote.client import RemoteClient
@@ -182,7 +219,8 @@ def run_job(cfg: JobConfig) -> Path:
     from figures.render import render_all
 
     t = time.time()
-    job.manifest["figures"] = [str(p.relative_to(out)) for p in render_all(out)]
+    job.manifest["figures"] = [str(p.relative_to(out))
+                               for p in render_all(out, setting=main_runs[0].setting)]
     job.timings["figures_s"] = time.time() - t
     job.finish(started, n_new)
     return out
@@ -272,22 +310,27 @@ def _experiment_tasks(cfg, model, job, experiments) -> tuple[dict[str, list[Task
 def _search(job: Job, run: TaskRun) -> dict:
     """Frontier and AF1 configuration of one task from its sweep rows (all on record)."""
     rows = job.log.select(experiment="sweep", dataset_fingerprint=run.fingerprint, sink=True,
-                          wait_ablation="cama", transfer_peek="last")
+                          wait_ablation="cama", transfer_peek="last", **run.setting)
     result = {"task": run.task, "style": run.style, "dataset_fingerprint": run.fingerprint,
-              **af1_search(rows, job.cfg.threshold)}
+              "setting": run.setting, **af1_search(rows, job.cfg.threshold, job.cfg.threshold_on)}
     job.searches[run.label] = result
     searches = {}
     path = job.out / "af1_search.json"
     if path.is_file():
         searches = json.loads(path.read_text())
-    searches[run.label] = result
+    searches[run.name] = result
     write_json_atomic(path, searches)
     job.manifest["af1_search"] = searches
     job.save_manifest()
-    met = "" if result["met_threshold"] else f" (no cell reaches {job.cfg.threshold}: best cell)"
+    rule = "faithfulness" if result["threshold_on"] == "point" else "its 95% lower bound"
+    met = "" if result["met_threshold"] else ", reached by no cell: best cell"
+    low_high = result["faithfulness_ci"] or [None, None]
+    faith = ("undefined" if result["faithfulness"] is None else
+             f"{result['n_af1_correct_of_full']}/{result['n_full_correct']} = "
+             f"{result['faithfulness']:.3f}, 95% interval {low_high[0]:.3f}-{low_high[1]:.3f}")
     print(f"[af1] {run.label}: AF1 configuration L_wait={result['l_wait']}, "
-          f"L_transfer={result['l_transfer']}, faithfulness {result['faithfulness']}{met}",
-          flush=True)
+          f"L_transfer={result['l_transfer']}, faithfulness {faith} (threshold "
+          f"{job.cfg.threshold} on {rule}{met})", flush=True)
     return result
 
 
@@ -295,7 +338,8 @@ def _model_config(job: Job, run: TaskRun, plans: list[AF1Plan]) -> AF1Plan:
     """The AF1 configuration of a task: from this run's search, else from sweep rows already
     in the output directory, else by running the sweep now."""
     if run.label not in job.searches:
-        if not job.log.select(experiment="sweep", dataset_fingerprint=run.fingerprint):
+        if not job.log.select(experiment="sweep", dataset_fingerprint=run.fingerprint,
+                              **run.setting):
             print(f"[af1] {run.label}: running the sweep first to find the AF1 configuration",
                   flush=True)
             run.evaluate(sweep_cells(plans), "sweep")
@@ -313,7 +357,8 @@ def _probe(job: Job, runs: list[TaskRun]) -> None:
     path = job.out / "probe.json"
     if path.is_file():
         existing = json.loads(path.read_text())
-        if existing.get("dataset_fingerprint") == run.fingerprint:
+        if (existing.get("dataset_fingerprint") == run.fingerprint
+                and setting_of(existing) == run.setting):
             return
     t = time.time()
     backend_for = None
@@ -322,6 +367,7 @@ def _probe(job: Job, runs: list[TaskRun]) -> None:
             return job.client.backend("probe", label)
     result = partial_result_probe(job.model, run.dataset, batch_size=job.cfg.batch_size,
                                   seed=job.cfg.seed, backend_for=backend_for)
-    result.update(task=run.task, style=run.style, dataset_fingerprint=run.fingerprint)
+    result.update(task=run.task, style=run.style, dataset_fingerprint=run.fingerprint,
+                  **run.setting)
     write_json_atomic(path, result)
     job.timings["probe_s"] = time.time() - t

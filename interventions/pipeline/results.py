@@ -3,6 +3,12 @@
 A cell is one (experiment, task, data set, plan) evaluation. Each line is written with a single
 ``write`` and flushed, so a killed run loses at most the cell in flight; a torn last line (a
 kill in the middle of a write) is detected and dropped when the log is reopened.
+
+A row's identity is the cell plus the **setting** it was measured in (:data:`SETTING_DEFAULTS`:
+dtype, attention implementation, backend, answer scoring): rows of different settings live side
+by side and never stand in for each other. Rows written before settings were recorded lack these
+fields; they read as the defaults of that time (float32, sdpa, local, first), which is what
+every local CPU run then used. Rows without intervals get them from their counts.
 """
 
 from __future__ import annotations
@@ -12,13 +18,51 @@ import os
 from pathlib import Path
 from typing import Iterator
 
+# What a row was measured in, besides model and data set: anything that changes its numbers.
+# The values are what rows written before these fields existed were measured in.
+SETTING_DEFAULTS = {"dtype": "float32", "attn_implementation": "sdpa", "backend": "local",
+                    "answer_scoring": "first"}
+SETTING_FIELDS = tuple(SETTING_DEFAULTS)
 # Fields that identify a cell; two rows with equal values are the same measurement.
 KEY_FIELDS = ("experiment", "task", "style", "dataset_fingerprint", "l_wait", "l_transfer",
-              "sink", "wait_ablation", "transfer_peek", "layer", "window", "variant")
+              "sink", "wait_ablation", "transfer_peek", "layer", "window", "variant",
+              *SETTING_FIELDS)
+
+
+def setting_of(row: dict) -> dict:
+    """The setting a row was measured in (:data:`SETTING_DEFAULTS` for fields it lacks)."""
+    return {field: row.get(field, default) for field, default in SETTING_DEFAULTS.items()}
+
+
+def setting_label(setting: dict) -> str:
+    """``float32/sdpa/local/first``: a setting in one short string, fields in a fixed order."""
+    return "/".join(str(setting[field]) for field in SETTING_FIELDS)
+
+
+def setting_name(label: str, setting: dict) -> str:
+    """``<task>-<style>`` in the default setting, else with the setting appended
+    (``A+B-calculate@bfloat16-sdpa-local-first``): names a task's saved data set (with the
+    full model's predictions in that setting), its manifest entry and its AF1 search."""
+    if setting_of(setting) == SETTING_DEFAULTS:
+        return label
+    return f"{label}@{setting_label(setting_of(setting)).replace('/', '-')}"
+
+
+def complete_row(row: dict) -> dict:
+    """A row as read from disk with every field this version writes: the setting fields of
+    rows that predate them, and the intervals of rows that predate those."""
+    row = {**setting_of(row), **row}
+    if "faithfulness_ci" not in row and "n_full_correct" in row:
+        from .stats import row_intervals
+
+        row.update(row_intervals(row))
+    return row
 
 
 def cell_key(row: dict) -> tuple:
-    """The identity of a results row (missing fields count as ``None``)."""
+    """The identity of a results row: its cell and setting (missing cell fields count as
+    ``None``, missing setting fields as their defaults)."""
+    row = {**setting_of(row), **row}
     return tuple(row.get(field) for field in KEY_FIELDS)
 
 
@@ -29,21 +73,14 @@ class ResultsLog:
         self.path = Path(path)
         self.rows: list[dict] = []
         self.dropped_torn_line = False
+        self.n_legacy_rows = 0  # rows written before settings were recorded
         if self.path.exists():
             self._load()
         self._keys = {cell_key(r) for r in self.rows}
 
     def _load(self) -> None:
         data = self.path.read_bytes()
-        good_end = 0
-        for line in data.splitlines(keepends=True):
-            if not line.endswith(b"\n"):
-                break  # torn: the writer died before the newline
-            try:
-                self.rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                break
-            good_end += len(line)
+        self.rows, good_end, self.n_legacy_rows = _parse(data)
         if good_end != len(data):
             self.dropped_torn_line = True
             with open(self.path, "r+b") as handle:
@@ -65,7 +102,7 @@ class ResultsLog:
             handle.write(line)
             handle.flush()
             os.fsync(handle.fileno())
-        self.rows.append(row)
+        self.rows.append(complete_row(row))
         self._keys.add(cell_key(row))
 
     def select(self, **fields) -> list[dict]:
@@ -74,14 +111,24 @@ class ResultsLog:
 
 
 def read_results(path: str | os.PathLike) -> list[dict]:
-    """All complete rows of a results file (a torn last line is ignored, the file untouched)."""
-    rows = []
-    with open(path, "rb") as handle:
-        for line in handle:
-            if not line.endswith(b"\n"):
-                break
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                break
-    return rows
+    """All complete rows of a results file (a torn last line is ignored, the file untouched),
+    each with every field this version writes (:func:`complete_row`)."""
+    return _parse(Path(path).read_bytes())[0]
+
+
+def _parse(data: bytes) -> tuple[list[dict], int, int]:
+    """The complete rows of a results file's bytes (:func:`complete_row`), where the last of
+    them ends (a line without its newline, or not JSON, is torn: the writer died in the middle
+    of it) and how many rows record no setting."""
+    rows, good_end, n_legacy = [], 0, 0
+    for line in data.splitlines(keepends=True):
+        if not line.endswith(b"\n"):
+            break
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            break
+        n_legacy += not any(field in row for field in SETTING_FIELDS)
+        rows.append(complete_row(row))
+        good_end += len(line)
+    return rows, good_end, n_legacy

@@ -15,8 +15,9 @@ from ..executors.reference import NnsightExecutor
 from ..mechanisms.cama import CamaTable, cached_cama_table
 from ..mechanisms.plan import as_intervention, table_layers
 from .experiments import Cell
-from .results import cell_key
+from .results import cell_key, setting_name, setting_of
 from .scoring import score
+from .stats import proportion_ci
 
 if TYPE_CHECKING:
     from .jobs import Job
@@ -84,8 +85,21 @@ class TaskRun:
 
     @property
     def row_base(self) -> dict:
-        """The fields every results row of this task starts with."""
-        return {"task": self.task, "style": self.style, "dataset_fingerprint": self.fingerprint}
+        """The fields every results row of this task starts with: the task and the setting it
+        is measured in (part of every row's identity, see :mod:`.results`)."""
+        return {"task": self.task, "style": self.style, "dataset_fingerprint": self.fingerprint,
+                **self.job.setting}
+
+    @property
+    def setting(self) -> dict:
+        """The setting this task's rows are measured in."""
+        return setting_of(self.row_base)
+
+    @property
+    def name(self) -> str:
+        """This task in this setting (:func:`~.results.setting_name`): names its saved data
+        set, manifest entry and AF1 search."""
+        return setting_name(self.label, self.setting)
 
     def items(self, cells: list[Cell]) -> list[tuple]:
         """``(cell, plan, cama_layer)`` for the cells not yet in the results."""
@@ -105,7 +119,7 @@ class TaskRun:
             from tasks import save_task
 
             self._full = self.executor.clean()
-            target = self.job.out / "data" / self.label
+            target = self.job.out / "data" / self.name
             if not target.exists():
                 full_ok = (self._full.pred_ids == self.answers).tolist()
                 save_task(self.dataset.add_column("full_pred_id", self._full.pred_ids.tolist())
@@ -120,15 +134,17 @@ class TaskRun:
             "n_prompts": len(self.dataset), "n_candidates": build.n_candidates,
             "n_dropped_not_single_token": build.n_dropped, "n_sampled_out": build.n_sampled_out,
             "operand_range": list(build.operand_range), "template": build.template,
-            "data_dir": f"data/{self.label}",
+            "data_dir": f"data/{self.name}", "setting": self.setting,
         }
         if self._full is not None:
-            entry["full_accuracy"] = float((self._full.pred_ids == self.answers).mean())
+            n_right = int((self._full.pred_ids == self.answers).sum())
+            entry.update(full_accuracy=n_right / len(self.answers), n_full_correct=n_right,
+                         full_accuracy_ci=proportion_ci(n_right, len(self.answers)))
         if self._table is not None:
             table, path, cached = self._table
             entry.update(cama_table=str(path), cama_table_was_cached=cached,
                          cama_layers=table.layers)
-        self.job.manifest["tasks"][self.label] = entry
+        self.job.manifest["tasks"][self.name] = entry
         self.job.save_manifest()
 
     def evaluate(self, cells: list[Cell], desc: str) -> int:
