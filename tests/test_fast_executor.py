@@ -1,11 +1,13 @@
 """FastExecutor against the nnsight reference path (NnsightExecutor's batches and
 ``apply_intervention`` inside traces): every (L_wait, L_transfer) of a full grid on tiny random
 models of all five architectures (eager and sdpa), the plan variants, general interventions,
-the fallback, and SmolLM2 in float32 and bfloat16.
+the fallback, and SmolLM2 in float32 and in bfloat16 (against its own float32 computation).
 
 The fast executor pads: it sorts prompts by token length and cuts batches, so prompts of
 different lengths share a left-padded batch; the reference batches equal lengths only.
 """
+
+import math
 
 import numpy as np
 import pytest
@@ -189,12 +191,7 @@ def test_sliding_window_shorter_than_a_prompt_falls_back_to_the_reference(window
 # Measured on SmolLM2, CPU, sdpa, over the cells below (prompts: the fixture's): the largest
 # |logit difference| at the last position, fast against reference, is 2.5e-5..4.9e-5 in float32
 # except at (0, 1) with 2.7e-3, where the reference batched and one prompt at a time differ by
-# 2.0e-3 (the residual stream reaches 2.4e4 from layer 12 on). In bfloat16 it is 0.25..0.78,
-# and 1.75 at (0, 1), each equal to the reference's own batched-vs-one-at-a-time difference;
-# predictions then differ in at most 2 prompts of 32, all where the reference's top two logits
-# are within 0.125 (bf16 ties).
-BF16_TOLERANCE = 2.0
-BF16_TIE_GAP = 0.5
+# 2.0e-3 (the residual stream reaches 2.4e4 from layer 12 on).
 SMOLLM2_CELLS = [(0, 1), (5, 4), (15, 2), (17, 3), (20, 1), (20, 3), (20, 4), (25, 2), (27, 3),
                  (29, 1)]
 
@@ -223,22 +220,47 @@ def test_smollm2_float32_equals_reference(smollm2_data):
 
 
 @pytest.mark.slow
-def test_smollm2_bfloat16_within_measured_tolerance(smollm2_data):
+def test_smollm2_bfloat16_error_is_the_references_own(smollm2_data):
+    """In bfloat16 neither path is exact, and how far each is off depends on the CPU's bf16
+    arithmetic, so the bound is measured in the same run. Both paths are compared with the same
+    computation in float32 on the same bf16-rounded weights and CAMA table (``exact``): per cell
+    the fast path may be off by at most twice the reference's own error, plus one bf16 step of
+    the largest logit (the logits themselves are rounded to bf16). Both paths do the same bf16
+    operations on the last token's path, so their errors are of one size; the factor 2 leaves
+    room for one maximum of such errors exceeding another (measured: fast/reference 0.80-1.21
+    with avx512_bf16, and 0.88-1.63 without it, run with ONEDNN_MAX_CPU_ISA=AVX512_CORE_VNNI
+    ATEN_CPU_CAPABILITY=avx2, where the reference alone is 5.2 off at (0, 1)).
+    Predictions must equal ``exact``'s on every prompt whose top two logits are further apart
+    than twice the reference's own error on that prompt, where no error of the reference's size
+    can swap them (about half of the predictions; bf16 ties elsewhere)."""
+    import copy
+
     from interventions import load_model
+    from interventions.mechanisms.models import wrap_model
 
     _, prompts = smollm2_data
     model = load_model("smollm2", device="cpu", dtype="bfloat16")
+    exact_model = wrap_model(copy.deepcopy(model.hf).float(), model.tokenizer)
     table = build_cama_table(model, prompts, "test", progress=False)
     answers = answer_ids(model.tokenizer, prompts)
     reference = NnsightExecutor(model, prompts, answers)
+    exact = NnsightExecutor(exact_model, prompts, answers)
     fast = FastExecutor(model, prompts, answers)
+    n_compared = 0
     for w, t in SMOLLM2_CELLS:
         plan, cama = AF1Plan(w, t), table.layer(w) if w else None
-        want = reference_last_logits(reference, plan, cama)
+        want = reference_last_logits(exact, plan, cama)
+        reference_error = (reference_last_logits(reference, plan, cama) - want).abs().amax(-1)
         got = fast.last_logits(plan, cama)
         assert got.shape == want.shape
-        assert float((got - want).abs().max()) <= BF16_TOLERANCE, (w, t)
+        assert float(reference_error.max()) > 0  # bf16 and float32 differ: not vacuous
+        logit_step = 2.0 ** (math.floor(math.log2(float(want.abs().max()))) - 7)
+        fast_error = float((got - want).abs().max())
+        bound = 2 * float(reference_error.max()) + logit_step
+        assert fast_error <= bound, (w, t, fast_error, bound)
         top2 = want.topk(2, -1).values
-        differ = got.argmax(-1) != want.argmax(-1)
-        assert int(differ.sum()) <= len(prompts) // 10, (w, t)
-        assert torch.all((top2[:, 0] - top2[:, 1])[differ] <= BF16_TIE_GAP), (w, t)
+        clear = (top2[:, 0] - top2[:, 1]) > 2 * reference_error
+        assert torch.equal(got.argmax(-1)[clear], want.argmax(-1)[clear]), (w, t)
+        n_compared += int(clear.sum())
+    # Measured 160 and 167 of 320; a quarter keeps the comparison from going vacuous.
+    assert n_compared >= len(SMOLLM2_CELLS) * len(prompts) // 4

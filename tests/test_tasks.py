@@ -170,12 +170,8 @@ def test_a_minus_b_minus_c_keeps_only_non_negative_results():
     assert max(build.dataset["answer_value"]) == 7  # 9-1-1
 
 
-def test_three_operands_over_1_to_99_sampled_is_fast():
-    import time
-
-    t0 = time.perf_counter()
+def test_three_operands_over_1_to_99_sampled():
     build = build_task(number_tokenizer(), "A+B+C", n_prompts=300, seed=1)
-    assert time.perf_counter() - t0 < 10
     assert build.n_candidates == 99 ** 3 and build.n_dropped == 0
     assert len(build.dataset) == 300 and build.n_sampled_out == 99 ** 3 - 300
     _assert_rule(number_tokenizer(), build.dataset)
