@@ -144,3 +144,17 @@ def test_rows_and_tables_carry_intervals_and_paired_tests(tiny_dir, tmp_path, ca
         assert (f"{row['af1_accuracy']:.3f} [{low:.3f}, {high:.3f}] "
                 f"({row['n_af1_correct']}/{row['n_prompts']})") in tables
     assert "AF1-only / this-only, p" in tables and "AF1 vs full: full-only / AF1-only" in tables
+
+
+def test_threshold_rule_is_recorded(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    code, stdout, _ = run_cli(capsys, "--model", tiny_dir, *GRID, "--threshold-on", "lower",
+                              "--out", out)
+    assert code == 0 and "on its 95% lower bound" in stdout
+    search = json.loads((out / "af1_search.json").read_text())["A+B-calculate"]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert search["threshold_on"] == "lower" and manifest["config"]["threshold_on"] == "lower"
+    assert manifest["af1_search"]["A+B-calculate"]["threshold_on"] == "lower"
+    rows = sweep_rows(read_results(out / "results.jsonl"), **SETTING_DEFAULTS)
+    assert search == {**search, **{k: v for k, v in af1_search(rows, 0.9, "lower").items()
+                                   if k in ("l_wait", "l_transfer", "met_threshold")}}
