@@ -56,8 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--dtype", default="auto",
                        choices=["auto", "float32", "bfloat16", "float16"],
                        help="auto: float32 on CPU, bfloat16 on GPU")
-    model.add_argument("--attn", dest="attn_implementation", default="sdpa",
-                       choices=["sdpa", "eager"], help="attention implementation (default sdpa)")
+    model.add_argument("--attn", dest="attn_implementation", default=None,
+                       choices=["sdpa", "eager"],
+                       help="attention implementation (default sdpa; eager for Gemma-2, which "
+                            "has no sdpa)")
     remote = parser.add_argument_group("remote (NDIF)")
     remote.add_argument("--remote", action="store_true",
                         help="run every experiment on NDIF (needs NDIF_API_KEY; checks the key, "

@@ -14,9 +14,14 @@ import torch
 
 # Where each architecture's decoder layers are, and the positional index of the attention mask
 # in a GPT-2 block call (transformers 5.x: forward(hidden_states, past_key_values,
-# attention_mask, ...)). Written out here on purpose, independent of interventions.mechanisms.adapters.
-LAYERS = {"llama": "model.layers", "qwen2": "model.layers", "gpt_neox": "gpt_neox.layers",
-          "gptj": "transformer.h", "gpt2": "transformer.h"}
+# attention_mask, ...)). Written out here on purpose, independent of
+# interventions.mechanisms.adapters.
+LAYERS = {"gpt_neox": "gpt_neox.layers", "gptj": "transformer.h", "gpt2": "transformer.h",
+          "gemma3": "model.language_model.layers",
+          **{arch: "model.layers" for arch in (
+              "llama", "qwen2", "qwen3", "qwen3_moe", "mistral", "ministral", "mixtral", "phi3",
+              "gemma", "gemma2", "gemma3_text", "olmo", "olmo2", "granite", "cohere",
+              "starcoder2", "smollm3")}}
 POSITIONAL_MASK_INDEX = {"gpt2": 2}
 
 
@@ -27,8 +32,38 @@ def decoder_layers(hf):
     return obj
 
 
-def allowed_matrix(attention_mask_row, last_rule, other_rule):
-    """(T, T) numpy bool for one prompt, by the spec's words, one entry at a time."""
+def model_windows(hf):
+    """Per decoder layer, the sliding window the model's own mask enforces (``None``: every
+    earlier token), read off the masks the model hands its layers in a clean forward on one
+    unpadded prompt longer than ``config.sliding_window`` (which only sizes the probe)."""
+    window = getattr(hf.config.get_text_config(), "sliding_window", None)
+    length = window + 3 if window else 8
+    masks = {}
+    handles = [layer.register_forward_pre_hook(
+        lambda module, args, kwargs, k=k: masks.__setitem__(k, kwargs.get("attention_mask")),
+        with_kwargs=True) for k, layer in enumerate(decoder_layers(hf))]
+    ids = torch.full((1, length), 3)
+    try:
+        with torch.no_grad():
+            hf(input_ids=ids, attention_mask=torch.ones_like(ids))
+    finally:
+        for handle in handles:
+            handle.remove()
+    windows = []
+    for k in range(len(masks)):
+        mask = masks[k]
+        if mask is None or mask.dim() != 4:  # sdpa's causal flag, or GPT-2 positional
+            windows.append(None)
+            continue
+        last_row = mask[0, 0, -1] if mask.dtype == torch.bool else mask[0, 0, -1] == 0
+        seen = int(last_row.sum())
+        windows.append(None if seen == length else seen)
+    return windows
+
+
+def allowed_matrix(attention_mask_row, last_rule, other_rule, window=None):
+    """(T, T) numpy bool for one prompt, by the spec's words, one entry at a time; in a layer
+    with a sliding window a query never reads a key ``window`` or more columns back."""
     real = [bool(x) for x in attention_mask_row]
     length = len(real)
     real_idx = [i for i in range(length) if real[i]]
@@ -40,7 +75,7 @@ def allowed_matrix(attention_mask_row, last_rule, other_rule):
             continue
         rule = last_rule if q == last else other_rule
         for k in range(length):
-            if not real[k] or k > q:
+            if not real[k] or k > q or (window is not None and k <= q - window):
                 continue
             if rule == "all":
                 allow[q, k] = True
@@ -111,6 +146,7 @@ def af1_logits_with_hooks(hf, encoding, rules, replace_layer=None, cama=None):
     eager = hf.config._attn_implementation == "eager"
     mask_index = POSITIONAL_MASK_INDEX.get(hf.config.model_type)
     dtype = next(hf.parameters()).dtype
+    windows = model_windows(hf)
     handles = []
 
     def make_hook(k):
@@ -127,7 +163,8 @@ def af1_logits_with_hooks(hf, encoding, rules, replace_layer=None, cama=None):
                         hidden[b, i] = torch.as_tensor(cama[(k, pos, tok)], dtype=hidden.dtype)
                 args[0] = hidden
             if k in rules:
-                allow = torch.stack([torch.from_numpy(allowed_matrix(mask2d[b].tolist(), *rules[k]))
+                allow = torch.stack([torch.from_numpy(allowed_matrix(mask2d[b].tolist(),
+                                                                     *rules[k], windows[k]))
                                      for b in range(batch)])[:, None]
                 if eager:
                     mask = torch.zeros(allow.shape, dtype=dtype).masked_fill(

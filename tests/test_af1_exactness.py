@@ -1,5 +1,6 @@
-"""The nnsight AF1 path against independent computations on tiny random models (all five
-architectures, eager and sdpa, batched with left padding and one prompt at a time)."""
+"""The nnsight AF1 path against independent computations on tiny random models (every
+architecture of ``tiny.ARCHITECTURES``, eager and sdpa where the family has it, batched with left
+padding and one prompt at a time)."""
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ from interventions.mechanisms.cama import build_cama_table
 from interventions.mechanisms.plan import AF1Plan
 from interventions.mechanisms.plan import Intervention
 from interventions.mechanisms.traced import apply_af1, apply_intervention, apply_rules, read_prompt
+import tiny
 from tiny import ARCHITECTURES
 
 # Mixed lengths so a batch is left padded; digits are separate tokens.
@@ -86,25 +88,38 @@ def test_attention_is_zero_exactly_where_forbidden(arch, digit_tok):
         for handle in handles:
             handle.remove()
     mask2d = enc["attention_mask"]
+    windows = reference.model_windows(model.hf)
     for k, rule in rules.items():
         probs = captured[k]  # (B, H, T, T)
         for b in range(len(PROMPTS)):
-            allow = torch.from_numpy(reference.allowed_matrix(mask2d[b].tolist(), *rule))
+            allow = torch.from_numpy(reference.allowed_matrix(mask2d[b].tolist(), *rule,
+                                                              windows[k]))
             real = mask2d[b].bool()
             rows = probs[b][:, real][:, :, real]  # real queries x real keys, every head
             allowed = allow[real][:, real].expand_as(rows)
             assert torch.all(rows[~allowed] == 0), f"layer {k}: forbidden key got attention"
             assert torch.all(rows[allowed] > 0), f"layer {k}: allowed key got no attention"
-    # Layers before L_wait are untouched: ordinary causal attention.
+    # Layers before L_wait are untouched: ordinary causal attention (within a window).
     real = mask2d[0].bool()
     probs = captured[0][0][:, real][:, :, real]
     causal = torch.ones(probs.shape[-2:], dtype=torch.bool).tril()
+    if windows[0] is not None:
+        causal = causal.triu(-(windows[0] - 1))
     assert torch.all(probs[:, causal] > 0) and torch.all(probs[:, ~causal] == 0)
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_adapter_windows_are_the_models_own(arch, digit_tok):
+    """Which layers slide, and how far, as the adapter says and as the model's own masks do
+    (the tiny models' windows are shorter than the test prompts)."""
+    model = wrap_tiny(arch, digit_tok, "eager")
+    windows = model.adapter.layer_windows(model.hf.config, model.n_layers)
+    assert windows == reference.model_windows(model.hf) == model.sites.windows
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_cama_table_equals_brute_force_group_mean(arch, number_tok):
-    model = wrap_tiny(arch, number_tok, "sdpa")
+    model = wrap_tiny(arch, number_tok, tiny.supported_attention(arch))
     prompts = ["12+30=", "12+7=", "5+30=", "12+30=", "What is 5+7? ", "What is 12+7? ", "9+9="]
     table = build_cama_table(model, prompts, "test", batch_size=2, progress=False)
     expected = reference.brute_force_cama(model.hf, number_tok, prompts)
@@ -130,7 +145,7 @@ def _token_at(tokenizer, prompt, position):
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_l_wait_zero_is_identity_and_cama_of_h0_is_the_embedding(arch, digit_tok):
-    model = wrap_tiny(arch, digit_tok, "sdpa")
+    model = wrap_tiny(arch, digit_tok, tiny.supported_attention(arch))
     assert not AF1Plan(0, 3).replaces_residual
     table = build_cama_table(model, PROMPTS, "test", progress=False)
     enc, clean = nnsight_logits(model, PROMPTS)

@@ -56,7 +56,7 @@ def test_necessity_windows_equal_hook_implementation(arch, digit_tok):
 
 @pytest.mark.parametrize("arch", tiny.ARCHITECTURES)
 def test_alternatives_equal_hook_implementation(arch, digit_tok):
-    model = wrap_tiny(arch, digit_tok, "sdpa")
+    model = wrap_tiny(arch, digit_tok, tiny.supported_attention(arch))
     table = build_cama_table(model, PROMPTS, "t", progress=False)
     cama = reference.brute_force_cama(model.hf, digit_tok, PROMPTS)
     position_mean = reference.brute_force_position_mean(model.hf, digit_tok, PROMPTS)

@@ -1,7 +1,9 @@
 """FastExecutor against the nnsight reference path (NnsightExecutor's batches and
 ``apply_intervention`` inside traces): every (L_wait, L_transfer) of a full grid on tiny random
-models of all five architectures (eager and sdpa), the plan variants, general interventions,
-the fallback, and SmolLM2 in float32 and in bfloat16 (against its own float32 computation).
+models of every architecture of ``tiny.ARCHITECTURES`` (eager and sdpa where the family has it;
+sliding windows shorter than the prompts), the plan variants, general interventions, and SmolLM2
+in float32 and in bfloat16 (against its own float32 computation). The rotary fallback is in
+``test_model_families.py``.
 
 The fast executor pads: it sorts prompts by token length and cuts batches, so prompts of
 different lengths share a left-padded batch; the reference batches equal lengths only.
@@ -19,6 +21,7 @@ from interventions.executors.reference import NnsightExecutor
 from interventions.executors.fast import FastExecutor
 from interventions.mechanisms.plan import AF1Plan, Intervention, PlanError
 from interventions.mechanisms.traced import apply_intervention
+import tiny
 from tiny import ARCHITECTURES
 
 # Three token lengths (4, 13, 15 characters = tokens): one padded batch on the fast side.
@@ -103,7 +106,7 @@ def test_full_grid_equals_reference_with_padding(arch, attn, digit_tok):
 def test_variants_and_general_interventions_equal_reference(arch, number_tok):
     """Every plan variant, general interventions (necessity, 'self' rules, a replacement with
     rules before it), the clean model, one-token prompts and several padded batches."""
-    model = wrap_tiny(arch, number_tok, "sdpa")
+    model = wrap_tiny(arch, number_tok, tiny.supported_attention(arch))
     prompts = ["12+30=", "7", "What is 5+7? ", "12+7=", "9", "What is 12+30? "]
     table = build_cama_table(model, prompts, "test", progress=False)
     n_layers = model.n_layers
@@ -157,12 +160,10 @@ def test_errors_match_the_reference(digit_tok):
         list(fast.run_many([("x", AF1Plan(1, 1), table.layer(1)), ("y", AF1Plan(3, 2), None)]))
 
 
-@pytest.mark.parametrize("window, falls_back", [(4, True), (64, False)])
-def test_sliding_window_shorter_than_a_prompt_falls_back_to_the_reference(window, falls_back,
-                                                                          digit_tok):
-    """Qwen2 with sliding-window layers: the fast path's unrestricted layers are plainly
-    causal, which is the model's own attention only while prompts fit in the window."""
-    import tiny
+@pytest.mark.parametrize("window", [4, 64])
+def test_sliding_window_layers_equal_the_reference(window, digit_tok):
+    """Qwen2 with every layer sliding, the window shorter than most prompts (4) or longer than
+    all (64): the fast path intersects every rule with the window, as the reference does."""
     from interventions.mechanisms.models import wrap_model
     from transformers import AutoModelForCausalLM
 
@@ -172,18 +173,10 @@ def test_sliding_window_shorter_than_a_prompt_falls_back_to_the_reference(window
     torch.manual_seed(0)
     hf = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
     model = wrap_model(hf, digit_tok)
+    assert model.sites.windows == [window] * 4
     table = build_cama_table(model, PROMPTS, "test", progress=False)
-    fast = FastExecutor(model, PROMPTS, answer_ids(digit_tok, PROMPTS))
-    assert (fast.fallback_reason is not None) == falls_back
-    assert fast.name == ("nnsight" if falls_back else "fast")
-    plan = AF1Plan(0, 1, wait_ablation="none")  # layer 0 runs unrestricted: the window matters
-    reference = NnsightExecutor(model, PROMPTS, answer_ids(digit_tok, PROMPTS))
-    for cell_plan, cama in [(plan, None), (AF1Plan(1, 2), table.layer(1))]:
-        want, got = reference.run(cell_plan, cama), fast.run(cell_plan, cama)
-        assert np.array_equal(want.pred_ids, got.pred_ids)
-        np.testing.assert_allclose(want.answer_logits, got.answer_logits, atol=FP32_TOLERANCE)
-    if not falls_back:
-        check_cells(model, [("none", plan, None)], PROMPTS)
+    check_cells(model, grid(model.n_layers, table)
+                + [("none", AF1Plan(0, 1, wait_ablation="none"), None)], PROMPTS)
 
 
 # -- SmolLM2 (real weights) ----------------------------------------------------------------

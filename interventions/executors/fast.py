@@ -24,10 +24,14 @@ prediction depends on:
   all-position batch).
 
 Every :class:`interventions.plan.Intervention` (so every :class:`AF1Plan` variant) takes this
-path: rules per layer become masks, a replacement becomes the start state. The one exception is
-a model whose unrestricted layers are not plainly causal (a sliding-window layer shorter than a
-prompt): then the executor says so in ``fallback_reason`` and evaluates everything through the
-reference :class:`NnsightExecutor`, under that executor's name.
+path: rules per layer become masks, a replacement becomes the start state. Sliding-window layers
+(``ArchAdapter.layer_windows``) get every rule intersected with their window, as the reference
+does: in such a layer a last token at position ``>= window`` does not read its sink. The one
+exception is a rotary embedding whose frequencies depend on the longest position in a call
+(Phi-3's ``longrope`` beyond its original context, ``dynamic``): there one token's rotary is not
+its row of the whole prompt's, so with a prompt that long the executor says why in
+``fallback_reason`` and evaluates everything through the reference :class:`NnsightExecutor`,
+under that executor's name.
 
 Shapes: ``B`` prompts in a batch, ``T`` padded length (left padding), ``N`` prompts, ``D``
 hidden size, ``L`` decoder layers, ``R`` last-token rows (cells x prompts), ``S`` distinct sink
@@ -88,7 +92,8 @@ class _Batch:
         input_ids, real, positions: ``(B, T)`` ids, real-token mask, positions from the sink.
         rows, sink_col, last_col: ``(B,)`` row numbers and the sink's and last token's columns.
         masks, position_embeddings: reused by every all-position layer call on this batch
-            (masks per rule pair; filled on first use).
+            (masks per rule pair and window, position embeddings per layer; filled on first
+            use).
     """
 
     def __init__(self, indices: list[int], encoding: dict, device: torch.device):
@@ -100,7 +105,7 @@ class _Batch:
         self.rows = torch.arange(len(indices), device=device)
         self.sink_col = self.real.long().argmax(-1)
         self.last_col = (self.real.long() * idx).argmax(-1)
-        self.masks: dict[tuple[str, str], torch.Tensor] = {}
+        self.masks: dict[tuple, torch.Tensor] = {}
         self.position_embeddings = None
 
 
@@ -221,12 +226,15 @@ class FastExecutor:
         self._sink_tokens: dict[int, int] = {}
         self._sink_states = self._sink_keys = self._sink_values = None
 
-        lengths = [len(ids) for ids in model.tokenizer(list(prompts))["input_ids"]]
-        window = self.adapter.attention_window(self.hf.config)
+        lengths = model.token_lengths(prompts)
+        self.windows = self.adapter.layer_windows(self.hf.config, self.n_layers)
         self.fallback_reason = None
-        if window is not None and max(lengths) > window:
-            self.fallback_reason = (f"a layer attends within a sliding window of {window} tokens, "
-                                    f"shorter than the longest prompt ({max(lengths)} tokens)")
+        limit = self.adapter.rotary_length_limit(self.hf)
+        if limit is not None and max(lengths) > limit:
+            self.fallback_reason = (
+                f"the rotary embedding changes its frequencies for prompts longer than {limit} "
+                f"tokens (the longest here has {max(lengths)}), so a token run alone would not "
+                f"get the rotary it gets in its prompt")
             self._reference = NnsightExecutor(model, prompts, answer_ids, batch_size)
             self.name = self._reference.name
             return
@@ -378,32 +386,37 @@ class FastExecutor:
     def _full_layer(self, k: int, h: torch.Tensor, rule: tuple[str, str],
                     batch: _Batch) -> torch.Tensor:
         """Layer ``k`` over every position under one rule pair: ``(B, T, D)`` -> ``(B, T, D)``."""
-        if rule not in batch.masks:
-            batch.masks[rule] = mask_like(allowed_keys(batch.real, *rule), None,
-                                          self.attn_implementation, self.dtype)
+        key = (rule, self.windows[k])
+        if key not in batch.masks:
+            batch.masks[key] = mask_like(allowed_keys(batch.real, *rule, self.windows[k]), None,
+                                         self.attn_implementation, self.dtype)
         if batch.position_embeddings is None:
             batch.position_embeddings = self.adapter.position_embeddings(self.hf, h,
                                                                          batch.positions)
-        return self.adapter.call_layer(self.layers[k], h, batch.masks[rule], batch.positions,
-                                       batch.position_embeddings)
+        return self.adapter.call_layer(self.layers[k], h, batch.masks[key], batch.positions,
+                                       batch.position_embeddings[k])
 
     def _last_token_layers(self, rows: _LastTokens) -> None:
         """Run every row from its ``narrow_at`` through the last layer, in place: each last
         token alone, with its sink's keys and values prepended (it reads them where its rule
-        says ``sink_self``), in calls of up to ``rows_per_call`` rows."""
+        says ``sink_self`` and the sink is inside the layer's window), in calls of up to
+        ``rows_per_call`` rows."""
         for k in range(int(rows.narrow_at.min()), self.n_layers):
             active = int((rows.narrow_at <= k).sum())  # rows are sorted by narrow_at
+            window = self.windows[k]
             for first in range(0, active, self.rows_per_call):
                 chunk = slice(first, min(first + self.rows_per_call, active))
                 hidden = rows.hidden[chunk, None]  # (r, 1, D)
                 positions = rows.positions[chunk, None]  # (r, 1)
                 sinks = rows.sinks[chunk]
                 reads_sink = rows.reads_sink[chunk, k]
+                if window is not None:  # the sink (position 0) is inside the window
+                    reads_sink = reads_sink & (rows.positions[chunk] < window)
                 allow = torch.stack([reads_sink, torch.ones_like(reads_sink)], -1)  # sink, self
                 mask = mask_like(allow[:, None, None, :], None, self.attn_implementation,
                                  self.dtype)
                 prefix = _KeyValuePrefix(self._sink_keys[sinks, k], self._sink_values[sinks, k])
-                rotary = self.adapter.position_embeddings(self.hf, hidden, positions)
+                rotary = self.adapter.position_embeddings(self.hf, hidden, positions)[k]
                 out = self.adapter.call_layer(self.layers[k], hidden, mask, positions, rotary,
                                               cache=prefix)
                 rows.hidden[chunk] = out[:, 0].to(rows.hidden.device)
@@ -426,8 +439,9 @@ class FastExecutor:
                              None, self.attn_implementation, self.dtype)
             recorder = _KeyValueRecorder()
             states = [h[:, 0]]
-            for layer in self.layers:
-                h = self.adapter.call_layer(layer, h, mask, positions, rotary, cache=recorder)
+            for k, layer in enumerate(self.layers):
+                h = self.adapter.call_layer(layer, h, mask, positions, rotary[k],
+                                            cache=recorder)
                 states.append(h[:, 0].to(self.device))
             new = (torch.stack(states, 1),
                    torch.stack([recorder.keys[k].to(self.device)

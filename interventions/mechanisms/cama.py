@@ -177,7 +177,8 @@ def local_residual_sums(model, encodings: Sequence[dict], layers: Sequence[int],
     Returns:
         ``(len(layers), K, D)`` float64 sums of the clean ``h_k`` per key, on the CPU.
     """
-    hidden = model.hf.config.hidden_size  # GPT-2/GPT-J configs alias n_embd to this
+    # GPT-2/GPT-J configs alias n_embd to this; multimodal configs keep it in the text config
+    hidden = model.hf.config.get_text_config().hidden_size
     device = model.device
     sums = torch.zeros(len(layers), len(keys), hidden, dtype=torch.float64, device=device)
     keys_dev = keys.to(device)

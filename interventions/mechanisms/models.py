@@ -21,7 +21,7 @@ from typing import Sequence
 
 import torch
 
-from .adapters import ArchAdapter, adapter_for, check_attention
+from .adapters import ArchAdapter, adapter_for, check_attention, choose_attention
 from ..errors import UserError
 from .traced import ModelSites, prompt_layout
 
@@ -100,6 +100,10 @@ class AF1Model:
         return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
                 "position_ids": positions}
 
+    def token_lengths(self, prompts: Sequence[str]) -> list[int]:
+        """Each prompt's length in tokens (what the tokenizer adds, such as a BOS, included)."""
+        return [len(ids) for ids in self.tokenizer(list(prompts))["input_ids"]]
+
     def encode_batches(self, prompts: Sequence[str], batch_size: int
                        ) -> list[tuple[list[int], dict[str, torch.Tensor]]]:
         """Batches of prompts of equal token length (so no padding), deterministic order.
@@ -108,7 +112,7 @@ class AF1Model:
         """
         if batch_size < 1:
             raise UserError(f"batch size must be >= 1, got {batch_size}")
-        lengths = [len(ids) for ids in self.tokenizer(list(prompts))["input_ids"]]
+        lengths = self.token_lengths(prompts)
         order = sorted(range(len(prompts)), key=lambda i: (lengths[i], i))
         groups: list[list[int]] = []
         for i in order:
@@ -117,6 +121,23 @@ class AF1Model:
                 groups.append([])
             groups[-1].append(i)
         return [(group, self.encode([prompts[i] for i in group])) for group in groups]
+
+    def sink_outside_window(self, longest: int) -> str | None:
+        """One line when a prompt of ``longest`` tokens outgrows a sliding window, else ``None``.
+
+        A query at position ``q`` of a layer with window ``w`` reads keys ``q - w < k <= q``, so
+        from ``q = w`` on it no longer reads the sink (position 0), in the clean model and under
+        every AF1 rule alike (a rule never grants what the layer's own attention forbids).
+        """
+        windows = self.sites.windows
+        layers = [k for k, w in enumerate(windows) if w is not None and longest > w]
+        if not layers:
+            return None
+        smallest = min(windows[k] for k in layers)
+        return (f"the longest prompt has {longest} tokens, more than the {smallest}-token "
+                f"sliding window of layer{'s' if len(layers) > 1 else ''} "
+                f"{', '.join(map(str, layers))}: there the last queries do not see the sink "
+                f"(position 0), in the clean model and under AF1 alike")
 
     def __repr__(self) -> str:
         i = self.identity
@@ -146,7 +167,8 @@ def resolve_device(device: str) -> str:
 
 
 def load_model(spec: str = DEFAULT_MODEL, *, dtype: str = "auto", device: str = "cpu",
-               attn_implementation: str = "sdpa", revision: str | None = None) -> AF1Model:
+               attn_implementation: str | None = None, revision: str | None = None
+               ) -> AF1Model:
     """Load a model by Hub id, local directory, ``.gguf`` file or ``"smollm2"``.
 
     Args:
@@ -154,10 +176,11 @@ def load_model(spec: str = DEFAULT_MODEL, *, dtype: str = "auto", device: str = 
             Face checkpoint, a ``.gguf`` file, or a Hub id such as ``meta-llama/Meta-Llama-3-8B``.
         dtype: ``auto`` (float32 on CPU, bfloat16 on GPU), ``float32``, ``bfloat16``, ``float16``.
         device: ``cpu``, ``cuda``, ``cuda:N`` or ``auto`` (``device_map="auto"`` over all GPUs).
-        attn_implementation: ``sdpa`` or ``eager`` (both take AF1's per-layer masks).
+        attn_implementation: ``sdpa`` or ``eager`` (both take AF1's per-layer masks); ``None``:
+            sdpa, or eager for a family without sdpa (Gemma-2), said in one line.
         revision: Hub revision (branch, tag or commit) for Hub ids.
     """
-    check_attention(attn_implementation)
+    check_attention(attn_implementation)  # before any loading
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
     source, location = _locate(spec)
@@ -170,7 +193,7 @@ def load_model(spec: str = DEFAULT_MODEL, *, dtype: str = "auto", device: str = 
         config = AutoConfig.from_pretrained(path, revision=revision)
     except OSError as err:
         raise UserError(f"cannot load model {spec!r}: {_first_line(err)}") from None
-    adapter = adapter_for(config)
+    adapter, attn_implementation = architecture_and_attention(config, attn_implementation)
 
     kwargs = dict(dtype=torch_dtype, attn_implementation=attn_implementation, revision=revision)
     if device == "auto":
@@ -198,13 +221,25 @@ def load_model(spec: str = DEFAULT_MODEL, *, dtype: str = "auto", device: str = 
     return wrap_model(hf, tokenizer, identity, adapter)
 
 
+def architecture_and_attention(config, attn_implementation: str | None
+                               ) -> tuple[ArchAdapter, str]:
+    """The adapter of ``config`` and the attention implementation to load it with: the one asked
+    for (checked against the family), or where none was, the family's first choice, announced
+    in one line when it is not sdpa."""
+    adapter = adapter_for(config)
+    chosen, note = choose_attention(adapter, attn_implementation)
+    if note:
+        print(f"[af1] note: {note}", flush=True)
+    return adapter, chosen
+
+
 def wrap_model(hf, tokenizer, identity: ModelIdentity | None = None,
                adapter: ArchAdapter | None = None) -> AF1Model:
     """Wrap an already-loaded Hugging Face causal LM (e.g. a tiny test model) for AF1."""
     from nnsight.modeling.transformers import TransformersModel
 
     adapter = adapter or adapter_for(hf.config)
-    check_attention(hf.config._attn_implementation)
+    check_attention(hf.config._attn_implementation, adapter)
     left_padding(tokenizer)
     if identity is None:
         identity = ModelIdentity(

@@ -33,20 +33,23 @@ class ModelSites:
         mask_name: keyword under which the layer receives the mask.
         attn_implementation: ``"eager"`` or ``"sdpa"``; decides the mask dtype when the model
             itself passed none (sdpa uses its causal flag when there is no padding).
+        windows: per layer, the sliding window ``w`` of the layer's own attention (a query
+            reads keys ``q - w < k <= q``) or ``None``; a rule's mask is intersected with it.
     """
 
-    __slots__ = ("root", "layers", "mask_index", "mask_name", "attn_implementation")
+    __slots__ = ("root", "layers", "mask_index", "mask_name", "attn_implementation", "windows")
 
-    def __init__(self, root, layers, mask_index, mask_name, attn_implementation):
+    def __init__(self, root, layers, mask_index, mask_name, attn_implementation, windows=None):
         self.root = root
         self.layers = list(layers)
         self.mask_index = mask_index
         self.mask_name = mask_name
         self.attn_implementation = attn_implementation
+        self.windows = [None] * len(self.layers) if windows is None else list(windows)
 
     def __reduce__(self):
         return (ModelSites, (self.root, self.layers, self.mask_index, self.mask_name,
-                             self.attn_implementation))
+                             self.attn_implementation, self.windows))
 
     @property
     def n_layers(self):
@@ -109,13 +112,16 @@ def read_prompt(sites):
     return input_ids, real, positions
 
 
-def allowed_keys(real, last_rule, other_rule, sink=None):
+def allowed_keys(real, last_rule, other_rule, window=None):
     """Which keys each query may attend to under one layer's attention rules.
 
     Args:
         real: ``(B, T)`` bool, real (non-padding) tokens.
         last_rule / other_rule: ``"all"``, ``"sink_self"`` or ``"self"`` for the last real query
             and for every other real query.
+        window: the layer's sliding window, or ``None``: a rule never lets a query read a key
+            its layer cannot (``q - window < k``; the sink drops out of a far query's
+            ``sink_self``). Real tokens are contiguous, so columns count positions.
     Returns:
         ``(B, 1, T, T)`` bool, ``True`` where query (row) may attend to key (column). Padding
         queries attend only to themselves (never read by real tokens; avoids empty rows).
@@ -124,6 +130,8 @@ def allowed_keys(real, last_rule, other_rule, sink=None):
     device = real.device
     idx = torch.arange(length, device=device)
     causal = idx[None, :] <= idx[:, None]  # (T, T): key <= query
+    if window is not None:
+        causal = causal & (idx[None, :] > idx[:, None] - window)
     eye = idx[None, :] == idx[:, None]
     all_keys = causal[None] & real[:, None, :]  # (B, T, T)
     sink_col = real.long().argmax(-1)  # first real token of each row
@@ -243,9 +251,11 @@ def apply_rules(sites, rules, replace_layer=None, replacement=None, real=None):
             args[0] = hidden
         if k in rules:
             rule = rules[k]
-            if rule not in allow_cache:
-                allow_cache[rule] = allowed_keys(real.to(hidden.device), rule[0], rule[1])
-            allow = allow_cache[rule].to(hidden.device)
+            window = sites.windows[k]
+            if (rule, window) not in allow_cache:
+                allow_cache[(rule, window)] = allowed_keys(real.to(hidden.device), rule[0],
+                                                           rule[1], window)
+            allow = allow_cache[(rule, window)].to(hidden.device)
             existing = _layer_mask(sites, args, kwargs)
             # Where the model passed no mask (sdpa without padding), an edit of ``None`` cannot be
             # spliced into one invoke's rows: the first invoke to edit it writes a whole-batch
@@ -255,7 +265,7 @@ def apply_rules(sites, rules, replace_layer=None, replacement=None, real=None):
             if rows is not None:
                 start, total = rows
                 whole = torch.ones(total, allow.shape[-1], dtype=torch.bool, device=allow.device)
-                full = allowed_keys(whole, "all", "all")
+                full = allowed_keys(whole, "all", "all", window)
                 full[start:start + allow.shape[0]] = allow
                 allow = full
             mask = mask_like(allow, existing, sites.attn_implementation, hidden.dtype)

@@ -46,7 +46,7 @@ class JobConfig:
     executor: str = "fast"
     device: str = "auto"
     dtype: str = "auto"
-    attn_implementation: str = "sdpa"
+    attn_implementation: str | None = None  # None: sdpa, or the family's only one (Gemma-2)
     revision: str | None = None
     cama_table: str | None = None
     cache_dir: str | None = None

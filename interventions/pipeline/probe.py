@@ -57,7 +57,7 @@ def collect_states(model, prompts: Sequence[str], offsets: np.ndarray, layers: S
     layer's output before the final norm. ``backend_for(label)`` gives an nnsight backend per
     trace (a remote client's, for NDIF); ``None`` runs locally.
     """
-    hidden = model.hf.config.hidden_size
+    hidden = model.hf.config.get_text_config().hidden_size
     out = np.zeros((len(prompts), len(layers), hidden), dtype=np.float32)
     batches = model.encode_batches(list(prompts), batch_size)
     for n, (indices, enc) in enumerate(batches, 1):

@@ -40,6 +40,10 @@ class TaskRun:
         self.label = f"{build.task}-{build.style}"
         self.fingerprint = task_fingerprint(build.dataset)
         self.answers = build.dataset["answer_token_id"]
+        longest = max(job.model.token_lengths(self.dataset["prompt"]), default=0)
+        self.sink_outside_window = job.model.sink_outside_window(longest)
+        if self.sink_outside_window:
+            print(f"[af1] warning: {self.label}: {self.sink_outside_window}", flush=True)
         self._table: tuple[CamaTable, Path, bool] | None = None
         self._executor = None
         self._full: Predictions | None = None
@@ -136,6 +140,8 @@ class TaskRun:
             "operand_range": list(build.operand_range), "template": build.template,
             "data_dir": f"data/{self.name}", "setting": self.setting,
         }
+        if self.sink_outside_window:
+            entry["sink_outside_window"] = self.sink_outside_window
         if self._full is not None:
             n_right = int((self._full.pred_ids == self.answers).sum())
             entry.update(full_accuracy=n_right / len(self.answers), n_full_correct=n_right,

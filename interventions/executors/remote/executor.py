@@ -147,7 +147,7 @@ class _RemoteCamaRunner:
         size = self.batches_per_request or len(batches)
         chunks = [batches[i:i + size] for i in range(0, len(batches), size)]
         layers = [int(k) for k in layers]
-        hidden = model.hf.config.hidden_size
+        hidden = model.hf.config.get_text_config().hidden_size
         total = torch.zeros(len(layers), len(keys), hidden, dtype=torch.float64)
         predictions = []
         for n, chunk in enumerate(chunks, 1):
@@ -361,7 +361,7 @@ class RemoteExecutor:
 
 
 def load_remote_model(spec: str, *, revision: str | None = None, dtype: str = "bfloat16",
-                      attn_implementation: str = "sdpa"):
+                      attn_implementation: str | None = None):
     """An :class:`AF1Model` for a model NDIF runs: the architecture on the meta device (no
     weights), its config and tokenizer.
 
@@ -370,18 +370,19 @@ def load_remote_model(spec: str, *, revision: str | None = None, dtype: str = "b
             local checkpoint directory (same code path; for offline tests with ``backend="local"``).
         revision: Hub revision; the model key sent to NDIF names it (default: the repo's main).
         dtype: the dtype the server runs (NDIF: bfloat16). CAMA tables are uploaded in it.
-        attn_implementation: sent with every request (nnsight puts it in the request env).
+        attn_implementation: sent with every request (nnsight puts it in the request env);
+            ``None``: the family's first choice, as in :func:`interventions.load_model`.
 
     Identity: ``model_id`` is the repo id and ``revision`` the Hub commit of its config (or the
     revision asked for), so ``fingerprint`` is ``repo@commit``; a local directory is identified
     by its weight files' hash as in :func:`interventions.load_model`.
     """
     from nnsight.modeling.transformers import TransformersModel
-    from transformers import AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
-    from ...mechanisms.adapters import adapter_for, check_attention
-    from ...mechanisms.models import (DTYPES, AF1Model, ModelIdentity, _first_line, _locate, _weights_sha256,
-                         left_padding)
+    from ...mechanisms.adapters import check_attention
+    from ...mechanisms.models import (DTYPES, AF1Model, ModelIdentity, _first_line, _locate,
+                                      _weights_sha256, architecture_and_attention, left_padding)
 
     check_attention(attn_implementation)
     if dtype not in DTYPES:
@@ -393,7 +394,9 @@ def load_remote_model(spec: str, *, revision: str | None = None, dtype: str = "b
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
+            config = AutoConfig.from_pretrained(location, revision=revision)
             tokenizer = AutoTokenizer.from_pretrained(location, revision=revision)
+            adapter, attn_implementation = architecture_and_attention(config, attn_implementation)
             lm = TransformersModel(location, revision=revision, task="text-generation",
                                    tokenizer=tokenizer, dtype=DTYPES[dtype],
                                    attn_implementation=attn_implementation)
@@ -401,7 +404,6 @@ def load_remote_model(spec: str, *, revision: str | None = None, dtype: str = "b
         raise UserError(f"cannot load the config of {spec!r}: {_first_line(err)}") from None
     hf = internals.wrapped_module(lm)
     config = hf.config
-    adapter = adapter_for(config)
     left_padding(tokenizer)
     identity = ModelIdentity(
         spec=spec, source="ndif" if source == "hub" else "local",

@@ -344,7 +344,7 @@ def plan_remote_job(model, tasks: Sequence[PlannedTask], batch_size: int = 32,
     configuration.
     """
     n_layers = model.n_layers
-    hidden = model.hf.config.hidden_size
+    hidden = model.hf.config.get_text_config().hidden_size
     dtype = getattr(torch, model.identity.dtype)
     lm, sites = model.lm, model.sites
     requests: list[PlannedRequest] = []
