@@ -425,17 +425,18 @@ def build_task(
                                max_answer_tokens)
 
     selection = select(template)
-    if selection.n_ok == 0:
-        what = "is a single token" if answer_tokens == "single" else "tokenizes apart from it"
-        raise ValueError(f"task {task} with template {template!r} has no prompt whose answer "
-                         f"{what} for this tokenizer ({n_candidates} candidates with operands "
-                         f"in {lo}..{hi}, all dropped)")
     prefix = ""  # text before the template in every prompt: the BOS where the sink needs it
     if len(sink_tokens(selection.prompt_ids)) > 1:
         prefix = bos_prefix(tokenizer, template)
     run_template = prefix.replace("{", "{{").replace("}", "}}") + template
     if prefix:
         selection = select(run_template)
+    if selection.n_ok == 0:
+        what = "is a single token" if answer_tokens == "single" else "tokenizes apart from it"
+        raise ValueError(f"task {task} with template {template!r} has no prompt whose answer "
+                         f"{what} for this tokenizer ({n_candidates} candidates with operands "
+                         f"in {lo}..{hi}, all dropped)")
+    if prefix:
         check_bos_first(selection.prompt_ids, tokenizer)
     bos_prepended = bool(prefix)
     chosen = selection.chosen
