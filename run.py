@@ -90,7 +90,14 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     data.add_argument("--operand-range", default=None, metavar="LO-HI",
                       help="operand range, inclusive (default: by tokenizer, 1-99 when numbers "
-                           "are single tokens, else 1-9)")
+                           "are single tokens, else 1-9 with single-digit results). Given on a "
+                           "tokenizer that splits numbers into digits, answers of several "
+                           "tokens are kept and scored as --answer says")
+    data.add_argument("--answer", default="first", choices=["first", "full"],
+                      help="scoring of answers of several tokens: first (default; the first "
+                           "answer token at the last prompt position) or full (teacher forcing: "
+                           "each answer prefix becomes its own prompt, and a prompt counts only "
+                           "when every answer token is right)")
 
     grid = parser.add_argument_group("experiments and AF1 grid")
     grid.add_argument("--experiments", default="sweep",
@@ -148,7 +155,8 @@ def main(argv: list[str] | None = None) -> int:
             tasks=[t.strip() for t in args.tasks.split(",") if t.strip()],
             style=args.style, template=args.template, l_wait=args.l_wait,
             l_transfer=args.l_transfer, n_prompts=args.n_prompts, seed=args.seed,
-            operand_range=operand_range, out=args.out, batch_size=args.batch_size,
+            operand_range=operand_range, answer=args.answer, out=args.out,
+            batch_size=args.batch_size,
             device=args.device, dtype=args.dtype, attn_implementation=args.attn_implementation,
             revision=args.revision, cama_table=args.cama_table, cache_dir=args.cache_dir,
             remote=args.remote, remote_backend=args.remote_backend, dry_run=args.dry_run,

@@ -7,9 +7,15 @@ Typical use::
     # A+B/calculate: 36 prompts, operands 1..9 (81 candidates, 45 dropped: answer not a single token)
     key = task_fingerprint(build.dataset)  # keys CAMA caches
     save_task(build, "out/tasks/a_plus_b"); dataset = load_task("out/tasks/a_plus_b")
+    # Two-digit sums on a digit tokenizer: answers of several tokens, scored on the first, or
+    # teacher-forced token by token:
+    expanded = expand_answer_prefixes(build_task(tokenizer, "A+B", operand_range=(10, 99)).dataset,
+                                      tokenizer)
 """
 
+from .answers import expand_answer_prefixes
 from .arithmetic import (
+    ANSWER_TOKENS,
     DEFAULT_STYLE,
     STYLES,
     TASKS,
@@ -22,6 +28,7 @@ from .arithmetic import (
 from .store import COLUMNS, load_task, save_task, task_fingerprint, task_metadata, tokenizer_identity
 
 __all__ = [
+    "ANSWER_TOKENS",
     "COLUMNS",
     "DEFAULT_STYLE",
     "STYLES",
@@ -29,6 +36,7 @@ __all__ = [
     "TaskBuild",
     "build_task",
     "default_operand_range",
+    "expand_answer_prefixes",
     "load_task",
     "number_mode",
     "save_task",

@@ -2,9 +2,10 @@
 
 A task is an operator form (``"A+B"``, ``"A-B-C"``, ...) written out in an input style (a template
 with ``{A}``, ``{B}`` and, for three operands, ``{C}`` slots). :func:`build_task` enumerates every
-operand tuple in a range, keeps those with a non-negative result whose answer is a single token
-for the given tokenizer (the spec's scoring needs one answer token), optionally samples a seeded
-subset, and returns a :class:`datasets.Dataset` with a build record (see :mod:`tasks.store`).
+operand tuple in a range, keeps those with a non-negative result whose answer obeys the
+answer-token rule of :mod:`tasks.tokens` (by default: is a single token), makes the sink one
+token in every prompt (prepending BOS where needed), optionally samples a seeded subset, and
+returns a :class:`datasets.Dataset` with a build record (see :mod:`tasks.store`).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import json
 import string
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import datasets
 import numpy as np
@@ -21,6 +22,8 @@ import pyarrow as pa
 from datasets.table import InMemoryTable
 
 from .store import FEATURES, METADATA_FORMAT, task_fingerprint, tokenizer_identity
+from .tokens import (Encoder, bos_prefix, check_answers, check_bos_first, encoder,
+                     move_whitespace, sink_tokens)
 
 if TYPE_CHECKING:  # transformers is only needed by callers; keep the import light
     from transformers import PreTrainedTokenizerBase
@@ -145,94 +148,21 @@ def _validate_template(template: Any, task: str) -> list[str]:
 
 
 # --------------------------------------------------------------------------------------------
-# Tokenization and the answer-token rule
+# Operand ranges by tokenizer
 # --------------------------------------------------------------------------------------------
-
-Encoder = Callable[[Sequence[str]], list[list[int]]]
-
-
-def _encoder(tokenizer: "PreTrainedTokenizerBase") -> Encoder:
-    """A batch encoder equal to ``tokenizer(texts, add_special_tokens=True)["input_ids"]``.
-
-    Uses the Rust backend directly when that is provably the same call (about 3x faster: no
-    Python ``BatchEncoding`` per text); otherwise the tokenizer itself.
-    """
-
-    def via_tokenizer(texts: Sequence[str]) -> list[list[int]]:
-        if not texts:
-            return []
-        return tokenizer(list(texts), add_special_tokens=True)["input_ids"]
-
-    probe = ["Calculate: 12+34=46", "The sum of 3 and 4 is 7"]
-    reference = via_tokenizer(probe)  # also resets padding/truncation left by earlier calls
-    special = set(getattr(tokenizer, "all_special_ids", []) or [])
-    if reference[0] and reference[0][-1] in special:
-        raise ValueError("tokenizer appends a special token after the text (e.g. EOS); prompts "
-                         "must end with their own last token for last-token scoring")
-    backend = getattr(tokenizer, "backend_tokenizer", None) if getattr(tokenizer, "is_fast", False) else None
-    if (backend is None or backend.padding is not None or backend.truncation is not None
-            or not hasattr(backend, "encode_batch_fast")
-            or backend.encode_special_tokens != bool(getattr(tokenizer, "split_special_tokens", False))):
-        return via_tokenizer
-
-    def via_backend(texts: Sequence[str]) -> list[list[int]]:
-        return [e.ids for e in backend.encode_batch_fast(list(texts), add_special_tokens=True)]
-
-    return via_backend if via_backend(probe) == reference else via_tokenizer
-
-
-@dataclass(frozen=True)
-class _AnswerCheck:
-    ok: np.ndarray  # bool: the answer is one token after the (possibly stripped) prompt
-    moved: np.ndarray  # bool: trailing whitespace moved from the prompt into the answer
-    token_id: np.ndarray  # int64, -1 where not ok
-    n_tokens: np.ndarray  # int64: token length of the final prompt, -1 where not ok
-
-
-def _check_answers(encode: Encoder, prompts: Sequence[str], answers: Sequence[str]) -> _AnswerCheck:
-    """Apply the answer-token rule (see :func:`build_task`) to each (prompt, answer) pair."""
-    n = len(prompts)
-    ok = np.zeros(n, dtype=bool)
-    moved = np.zeros(n, dtype=bool)
-    token_id = np.full(n, -1, dtype=np.int64)
-    n_tokens = np.full(n, -1, dtype=np.int64)
-    full = encode([p + a for p, a in zip(prompts, answers)])
-    plain = encode(prompts)
-    retry: list[int] = []
-    for i, (f, p) in enumerate(zip(full, plain)):
-        if len(f) == len(p) + 1 and f[:-1] == p:
-            ok[i], token_id[i], n_tokens[i] = True, f[-1], len(p)
-        elif prompts[i] != prompts[i].rstrip():
-            retry.append(i)
-    if retry:
-        # BPE tokenizers like GPT-2's merge the space into the number ("is 7" -> "is", " 7"): the
-        # text the model sees is the same; only where the prompt ends changes.
-        stripped = encode([prompts[i].rstrip() for i in retry])
-        for i, p in zip(retry, stripped):
-            f = full[i]
-            if len(f) == len(p) + 1 and f[:-1] == p:
-                ok[i], moved[i], token_id[i], n_tokens[i] = True, True, f[-1], len(p)
-    return _AnswerCheck(ok, moved, token_id, n_tokens)
-
-
-def _move_whitespace(prompt: str, answer: str, moved: bool) -> tuple[str, str]:
-    if not moved:
-        return prompt, answer
-    body = prompt.rstrip()
-    return body, prompt[len(body):] + answer
 
 
 def number_mode(tokenizer: "PreTrainedTokenizerBase") -> str:
     """``"multi"`` if every integer 0..999 is a single answer token for ``tokenizer``, else ``"digits"``.
 
-    Checked with the answer-token rule of :func:`build_task` in two answer contexts: after
+    Checked with the answer-token rule (:mod:`tasks.tokens`) in two answer contexts: after
     ``"Calculate: 1+1="`` and after ``"The sum of 1 and 1 is "``; both must hold for every number.
     """
-    encode = _encoder(tokenizer)
     contexts = ("Calculate: 1+1=", "The sum of 1 and 1 is ")
     prompts = [c for c in contexts for _ in range(1000)]
     answers = [str(n) for _ in contexts for n in range(1000)]
-    return "multi" if _check_answers(encode, prompts, answers).ok.all() else "digits"
+    check = check_answers(encoder(tokenizer), prompts, answers, max_answer_tokens=1)
+    return "multi" if check.ok.all() else "digits"
 
 
 def default_operand_range(tokenizer: "PreTrainedTokenizerBase") -> tuple[int, int]:
@@ -248,6 +178,7 @@ def default_operand_range(tokenizer: "PreTrainedTokenizerBase") -> tuple[int, in
 # --------------------------------------------------------------------------------------------
 
 _MAX_CANDIDATES = 50_000_000  # ~1.2 GB of int64 operands: beyond that a range is a mistake
+ANSWER_TOKENS = ("single", "any")
 
 
 @dataclass(frozen=True, eq=False)
@@ -257,10 +188,14 @@ class TaskBuild:
     Attributes:
         dataset: the prompts (columns in :data:`tasks.store.COLUMNS`).
         n_candidates: operand tuples in range with a non-negative result.
-        n_dropped: candidates whose answer is not a single token for the tokenizer.
+        n_dropped: candidates whose answer breaks the answer-token rule (with
+            ``answer_tokens="single"``: whose answer is not a single token).
         n_sampled_out: kept prompts left out by ``n_prompts`` sampling.
         operand_range: inclusive (lo, hi) the operands were drawn from.
         task, style, template: what was built (``style`` is ``"custom"`` for a user template).
+        answer_tokens: ``"single"`` (only single-token answers kept) or ``"any"``.
+        bos_prepended: the tokenizer's BOS text was put before every prompt so that the sink is
+            one token (see :func:`tasks.tokens.bos_prefix`).
     """
 
     dataset: datasets.Dataset
@@ -271,6 +206,8 @@ class TaskBuild:
     task: str
     style: str
     template: str
+    answer_tokens: str = "single"
+    bos_prepended: bool = False
 
     @property
     def n_prompts(self) -> int:
@@ -283,11 +220,20 @@ class TaskBuild:
     def summary(self) -> str:
         """One line, e.g. ``A+B/calculate: 36 prompts (81 candidates, 45 dropped: ...)``."""
         lo, hi = self.operand_range
+        why = ("answer not a single token" if self.answer_tokens == "single"
+               else "answer does not tokenize apart from the prompt")
         text = (f"{self.task}/{self.style}: {self.n_prompts} prompts, operands {lo}..{hi} "
-                f"({self.n_candidates} candidates, {self.n_dropped} dropped: answer not a single token")
+                f"({self.n_candidates} candidates, {self.n_dropped} dropped: {why}")
         if self.n_sampled_out:
             text += f", {self.n_sampled_out} sampled out by n_prompts"
-        return text + ")"
+        text += ")"
+        if self.answer_tokens == "any":
+            sizes = sorted({len(ids) for ids in self.dataset["answer_token_ids"]})
+            text += (f"; answers of {sizes[0]} token" + ("s" if sizes[-1] > 1 else "")
+                     if len(sizes) == 1 else f"; answers of {sizes[0]}-{sizes[-1]} tokens")
+        if self.bos_prepended:
+            text += "; BOS prepended as the sink"
+        return text
 
 
 def _check_range(operand_range: Any) -> tuple[int, int]:
@@ -324,6 +270,13 @@ def _format_prompts(template: str, operands: np.ndarray) -> list[str]:
     return [template.format(**dict(zip(names, row))) for row in operands.tolist()]
 
 
+def _final_texts(template: str, operands: np.ndarray, results: np.ndarray,
+                 moved: np.ndarray) -> list[tuple[str, str]]:
+    """``(prompt, answer)`` of each row as the model reads it (whitespace moved where needed)."""
+    return [move_whitespace(p, str(r), m) for p, r, m in
+            zip(_format_prompts(template, operands), results.tolist(), moved.tolist())]
+
+
 def _sample(n_kept: int, n_prompts: int | None, seed: int) -> np.ndarray:
     """Indices of the kept rows to use: all, or a seeded sample kept in enumeration order."""
     if n_prompts is None or n_prompts >= n_kept:
@@ -332,26 +285,35 @@ def _sample(n_kept: int, n_prompts: int | None, seed: int) -> np.ndarray:
     return np.sort(chosen)  # enumeration order is lexicographic in the operands
 
 
+@dataclass(frozen=True)
+class _Selection:
+    """The rows chosen from the candidates.
 
-_Selection = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+    ``n_ok`` candidates obey the answer-token rule; ``chosen`` are the rows' candidate indices
+    (operand order); ``moved``, ``prompt_ids`` and ``answer_ids`` are per row.
+    """
+
+    n_ok: int
+    chosen: np.ndarray
+    moved: np.ndarray
+    prompt_ids: list[list[int]]
+    answer_ids: list[tuple[int, ...]]
 
 
 def _select_exact(encode: Encoder, template: str, operands: np.ndarray, results: np.ndarray,
-                  n_prompts: int | None, seed: int) -> _Selection:
-    """Apply the answer rule to every candidate; then sample.
-
-    Returns per-candidate ``ok``, ``moved``, ``token_id``, the chosen candidate indices, and the
-    token lengths of the chosen (final) prompts.
-    """
-    check = _check_answers(encode, _format_prompts(template, operands),
-                           [str(r) for r in results.tolist()])
+                  n_prompts: int | None, seed: int, max_answer_tokens: int | None) -> _Selection:
+    """Apply the answer rule to every candidate; then sample."""
+    check = check_answers(encode, _format_prompts(template, operands),
+                          [str(r) for r in results.tolist()], max_answer_tokens)
     kept = np.flatnonzero(check.ok)
     chosen = kept[_sample(len(kept), n_prompts, seed)]
-    return check.ok, check.moved, check.token_id, chosen, check.n_tokens[chosen]
+    return _Selection(len(kept), chosen, check.moved[chosen],
+                      [check.prompt_ids[i] for i in chosen], [check.answer_ids[i] for i in chosen])
 
 
 def _select_sampled(encode: Encoder, template: str, slot_order: Sequence[str], operands: np.ndarray,
-                    results: np.ndarray, n_prompts: int, seed: int) -> _Selection:
+                    results: np.ndarray, n_prompts: int, seed: int,
+                    max_answer_tokens: int | None) -> _Selection:
     """Like :func:`_select_exact`, without tokenizing every candidate when only a sample is wanted.
 
     The rule is applied to one representative per (value of the template's last slot, result):
@@ -362,18 +324,17 @@ def _select_sampled(encode: Encoder, template: str, slot_order: Sequence[str], o
     last = "ABC".index(slot_order[-1])
     key = operands[:, last] * (int(results.max()) + 1) + results
     _, first, inverse = np.unique(key, return_index=True, return_inverse=True)
-    reps = _check_answers(encode, _format_prompts(template, operands[first]),
-                          [str(r) for r in results[first].tolist()])
-    ok, moved, token_id = reps.ok[inverse], reps.moved[inverse], reps.token_id[inverse]
-    kept = np.flatnonzero(ok)
+    reps = check_answers(encode, _format_prompts(template, operands[first]),
+                         [str(r) for r in results[first].tolist()], max_answer_tokens)
+    kept = np.flatnonzero(reps.ok[inverse])
     chosen = kept[_sample(len(kept), n_prompts, seed)]
-    final = [_move_whitespace(p, str(r), m) for p, r, m in
-             zip(_format_prompts(template, operands[chosen]), results[chosen].tolist(),
-                 moved[chosen].tolist())]
-    check = _check_answers(encode, [p for p, _ in final], [a for _, a in final])
-    if check.ok.all() and not check.moved.any() and np.array_equal(check.token_id, token_id[chosen]):
-        return ok, moved, token_id, chosen, check.n_tokens
-    return _select_exact(encode, template, operands, results, n_prompts, seed)
+    moved = reps.moved[inverse[chosen]]
+    expected = [reps.answer_ids[j] for j in inverse[chosen]]
+    final = _final_texts(template, operands[chosen], results[chosen], moved)
+    check = check_answers(encode, [p for p, _ in final], [a for _, a in final], max_answer_tokens)
+    if check.ok.all() and not check.moved.any() and check.answer_ids == expected:
+        return _Selection(len(kept), chosen, moved, check.prompt_ids, check.answer_ids)
+    return _select_exact(encode, template, operands, results, n_prompts, seed, max_answer_tokens)
 
 
 def build_task(
@@ -384,8 +345,9 @@ def build_task(
     n_prompts: int | None = None,
     seed: int = 0,
     operand_range: tuple[int, int] | None = None,
+    answer_tokens: str | None = None,
 ) -> TaskBuild:
-    """Build the prompts of ``task`` for ``tokenizer``, keeping only single-token answers.
+    """Build the prompts of ``task`` for ``tokenizer``.
 
     Args:
         tokenizer: a Hugging Face tokenizer (fast tokenizers are much quicker).
@@ -398,16 +360,21 @@ def build_task(
         seed: seed of that sample.
         operand_range: inclusive ``(lo, hi)`` for every operand; default
             :func:`default_operand_range` of the tokenizer.
+        answer_tokens: ``"single"`` keeps only answers of one token; ``"any"`` keeps answers of
+            several tokens too (scored on their first token, or every token by
+            :func:`tasks.answers.expand_answer_prefixes`). Default: ``"any"`` when
+            ``operand_range`` is given and the tokenizer splits numbers into digits, else
+            ``"single"`` (the spec's single-digit default; where numbers are single tokens
+            nothing changes).
 
-    Candidates are all operand tuples in range whose result is non-negative.
+    Candidates are all operand tuples in range whose result is non-negative. Each is kept when
+    its answer obeys the answer-token rule of :mod:`tasks.tokens` (with ``"single"``: when its
+    answer is one token); the others are dropped and counted.
 
-    **Answer-token rule.** The answer token is what the tokenizer produces for the answer when it
-    follows the prompt: with ``add_special_tokens=True`` throughout (a BOS is part of both),
-    ``tokenize(prompt + answer)`` must equal ``tokenize(prompt) + [one token]``. If that fails and
-    the prompt ends with whitespace, the whitespace is moved into the answer (``prompt.rstrip()``,
-    answer ``" 7"``) and the test is repeated: BPE tokenizers like GPT-2's and Pythia's write
-    ``"is 7"`` as ``["is", " 7"]``; the model sees the same text, only the prompt's end moves.
-    Otherwise the candidate is dropped (its answer is not a single token), and counted.
+    **Sink.** If position 0 is not the same token in every kept prompt (``{A}+{B}=`` on a
+    tokenizer that adds no BOS), the tokenizer's BOS text is put before every prompt (the
+    ``prompt`` and ``input_ids`` columns include it; the build record says so); a tokenizer
+    without BOS makes this a :class:`ValueError` naming the fix.
 
     Without ``n_prompts`` every candidate is tokenized and checked (about 20k prompts/s on two
     CPU cores: a full three-operand build over 1..99, ~970k prompts, takes under a minute). With
@@ -420,10 +387,11 @@ def build_task(
 
     Returns:
         A :class:`TaskBuild`. The data set's ``info.description`` holds a JSON build record
-        (parameters, counts, tokenizer identity); see :func:`tasks.store.task_metadata`.
+        (parameters, counts, sink, tokenizer identity); see :func:`tasks.store.task_metadata`.
 
     Raises:
-        ValueError: unknown task or style, a bad template or range, or no prompt left.
+        ValueError: unknown task or style, a bad template or range, no prompt left, or a sink
+        that cannot be made constant.
     """
     _check_task(task)
     ops = _OPERATORS[task]
@@ -437,35 +405,51 @@ def build_task(
         raise ValueError(f"n_prompts must be a positive integer or None, got {n_prompts!r}")
     range_given = operand_range is not None
     lo, hi = _check_range(operand_range if range_given else default_operand_range(tokenizer))
+    if answer_tokens is None:
+        answer_tokens = "any" if range_given and number_mode(tokenizer) == "digits" else "single"
+    elif answer_tokens not in ANSWER_TOKENS:
+        raise ValueError(f"answer_tokens must be one of {', '.join(ANSWER_TOKENS)}, got "
+                         f"{answer_tokens!r}")
+    max_answer_tokens = 1 if answer_tokens == "single" else None
 
     operands, results = _enumerate(ops, lo, hi)
     n_candidates = len(results)
     if n_candidates == 0:
         raise ValueError(f"task {task} has no operands in {lo}..{hi} with a non-negative result")
-    encode = _encoder(tokenizer)
+    encode = encoder(tokenizer)
 
-    if n_prompts is None:
-        ok, moved, token_id, chosen, n_tokens = _select_exact(encode, template, operands, results,
-                                                              n_prompts, seed)
-    else:
-        ok, moved, token_id, chosen, n_tokens = _select_sampled(encode, template, slot_order,
-                                                                operands, results, n_prompts, seed)
-    kept = np.flatnonzero(ok)
-    final = [_move_whitespace(p, str(r), m) for p, r, m in
-             zip(_format_prompts(template, operands[chosen]), results[chosen].tolist(),
-                 moved[chosen].tolist())]
+    def select(text: str) -> _Selection:
+        if n_prompts is None:
+            return _select_exact(encode, text, operands, results, None, seed, max_answer_tokens)
+        return _select_sampled(encode, text, slot_order, operands, results, n_prompts, seed,
+                               max_answer_tokens)
 
-    if len(kept) == 0:
-        raise ValueError(f"task {task} with template {template!r} has no prompt whose answer is a "
-                         f"single token for this tokenizer ({n_candidates} candidates with operands "
+    selection = select(template)
+    prefix = ""  # text before the template in every prompt: the BOS where the sink needs it
+    if len(sink_tokens(selection.prompt_ids)) > 1:
+        prefix = bos_prefix(tokenizer, template)
+    run_template = prefix.replace("{", "{{").replace("}", "}}") + template
+    if prefix:
+        selection = select(run_template)
+    if selection.n_ok == 0:
+        what = "is a single token" if answer_tokens == "single" else "tokenizes apart from it"
+        raise ValueError(f"task {task} with template {template!r} has no prompt whose answer "
+                         f"{what} for this tokenizer ({n_candidates} candidates with operands "
                          f"in {lo}..{hi}, all dropped)")
+    if prefix:
+        check_bos_first(selection.prompt_ids, tokenizer)
+    bos_prepended = bool(prefix)
+    chosen = selection.chosen
+    final = _final_texts(run_template, operands[chosen], results[chosen], selection.moved)
 
     rows = operands[chosen]
     n = len(chosen)
     c_column = rows[:, 2] if rows.shape[1] == 3 else np.full(n, -1, dtype=np.int64)
     expression_format = "".join("{" + ch + "}" if ch in "ABC" else ch for ch in task)
-    n_dropped = n_candidates - len(kept)
-    n_sampled_out = len(kept) - n
+    n_dropped = n_candidates - selection.n_ok
+    n_sampled_out = selection.n_ok - n
+    sink_id = selection.prompt_ids[0][0]
+    answer_sizes = [len(ids) for ids in selection.answer_ids]
     record = {
         "format": METADATA_FORMAT,
         "task": task,
@@ -480,17 +464,24 @@ def build_task(
         "n_dropped": int(n_dropped),
         "n_sampled_out": int(n_sampled_out),
         "n_rows": int(n),
-        "n_whitespace_moved": int(moved[chosen].sum()),
-        "answer_rule": "tokenize(prompt+answer) == tokenize(prompt)+[answer_token_id], "
-                       "add_special_tokens=True; trailing prompt whitespace moved into the answer "
-                       "when only that makes the answer one token",
+        "n_whitespace_moved": int(selection.moved.sum()),
+        "answer_tokens": answer_tokens,
+        "n_answer_tokens": {str(k): answer_sizes.count(k) for k in sorted(set(answer_sizes))},
+        "answer_rule": "tokenize(prompt+answer) == tokenize(prompt)+answer_token_ids, "
+                       "add_special_tokens=True, " + ("one answer token; " if max_answer_tokens
+                                                      else "one or more answer tokens; ")
+                       + "trailing prompt whitespace moved into the answer when only that makes "
+                         "the rule hold",
+        "sink": {"token_id": int(sink_id), "token": tokenizer.convert_ids_to_tokens(int(sink_id)),
+                 "bos_prepended": bos_prepended, "prefix": prefix},
         "tokenizer": tokenizer_identity(tokenizer),
     }
     columns = {
         "prompt": [p for p, _ in final],
         "answer": [a for _, a in final],
         "answer_value": results[chosen],
-        "answer_token_id": token_id[chosen],
+        "answer_token_id": np.array([ids[0] for ids in selection.answer_ids], dtype=np.int64),
+        "answer_token_ids": [list(ids) for ids in selection.answer_ids],
         "A": rows[:, 0],
         "B": rows[:, 1],
         "C": c_column,
@@ -500,7 +491,8 @@ def build_task(
         "task": [task] * n,
         "style": [style_name] * n,
         "template": [template] * n,
-        "n_tokens": np.asarray(n_tokens, dtype=np.int64),
+        "n_tokens": np.array([len(ids) for ids in selection.prompt_ids], dtype=np.int64),
+        "input_ids": selection.prompt_ids,
     }
     info = datasets.DatasetInfo(description=json.dumps(record, sort_keys=True), features=FEATURES)
     # Straight to Arrow: Dataset.from_dict with features encodes row by row in Python (~6 s/M rows).
@@ -508,4 +500,5 @@ def build_task(
     dataset = datasets.Dataset(InMemoryTable(table), info=info)
     return TaskBuild(dataset=dataset, n_candidates=int(n_candidates), n_dropped=int(n_dropped),
                      n_sampled_out=int(n_sampled_out), operand_range=(lo, hi), task=task,
-                     style=style_name, template=template)
+                     style=style_name, template=template, answer_tokens=answer_tokens,
+                     bos_prepended=bos_prepended)

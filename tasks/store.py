@@ -18,18 +18,26 @@ import datasets
 import numpy as np
 
 # The columns of a task data set, in the order the fingerprint hashes them.
+# ``answer_token_id`` is the answer's first token (the one scored by default), ``answer_token_ids``
+# all of them; ``input_ids`` are the exact token ids the model reads for the prompt (BOS included).
 COLUMNS: tuple[str, ...] = (
-    "prompt", "answer", "answer_value", "answer_token_id", "A", "B", "C",
-    "operators", "expression", "task", "style", "template", "n_tokens",
+    "prompt", "answer", "answer_value", "answer_token_id", "answer_token_ids", "A", "B", "C",
+    "operators", "expression", "task", "style", "template", "n_tokens", "input_ids",
 )
 _INT_COLUMNS = frozenset({"answer_value", "answer_token_id", "A", "B", "C", "n_tokens"})
+_ID_LIST_COLUMNS = frozenset({"answer_token_ids", "input_ids"})
 
-FEATURES = datasets.Features(
-    {name: datasets.Value("int64" if name in _INT_COLUMNS else "string") for name in COLUMNS}
-)
+
+def _feature(name: str):
+    if name in _ID_LIST_COLUMNS:
+        return datasets.Sequence(datasets.Value("int64"))  # a List on datasets >= 4
+    return datasets.Value("int64" if name in _INT_COLUMNS else "string")
+
+
+FEATURES = datasets.Features({name: _feature(name) for name in COLUMNS})
 
 # Bump when the meaning of the columns or the hashing scheme changes: old caches then miss.
-_FINGERPRINT_VERSION = b"af1-task-fingerprint-v1\0"
+_FINGERPRINT_VERSION = b"af1-task-fingerprint-v2\0"
 METADATA_FORMAT = "af1-task/1"
 
 
@@ -87,7 +95,7 @@ def task_fingerprint(dataset: datasets.Dataset) -> str:
     """A 16-hex-character content hash of a task data set.
 
     sha256 over every column of :data:`COLUMNS` in that order (rows in data set order; integers
-    as little-endian int64, strings as a JSON list) plus the tokenizer hash from the build record.
+    as little-endian int64, id lists as their lengths then their values, strings as a JSON list) plus the tokenizer hash from the build record.
     Identical after :func:`save_task`/:func:`load_task` and across processes; changes when any row
     changes (a prompt, an answer id, a token count, the order of rows) or the tokenizer differs.
     """
@@ -104,6 +112,10 @@ def task_fingerprint(dataset: datasets.Dataset) -> str:
         column = table.column(name)
         if name in _INT_COLUMNS:
             h.update(np.asarray(column.to_numpy(), dtype="<i8").tobytes())
+        elif name in _ID_LIST_COLUMNS:
+            lists = column.combine_chunks()  # value_lengths/flatten honour slicing offsets
+            h.update(np.asarray(lists.value_lengths().to_numpy(), dtype="<i8").tobytes())
+            h.update(np.asarray(lists.flatten().to_numpy(), dtype="<i8").tobytes())
         else:
             h.update(json.dumps(column.to_pylist(), ensure_ascii=False).encode("utf-8"))
     return h.hexdigest()[:16]

@@ -99,48 +99,68 @@ def af1_rules(n_layers, l_wait, l_transfer, sink=True, all_peek=False):
     return rules
 
 
-def brute_force_position_mean(hf, tokenizer, prompts):
-    """{(layer, position, token): mean h_layer over every prompt at that position} — the
-    position-only mean, keyed like CAMA so the hook implementation can use either."""
-    cama = brute_force_cama(hf, tokenizer, prompts)
-    counts = defaultdict(int)
-    for prompt in prompts:
-        for t, tok in enumerate(tokenizer(prompt)["input_ids"]):
-            counts[(t, tok)] += 1
-    sums, totals = defaultdict(lambda: 0.0), defaultdict(int)
-    for (layer, t, tok), mean in cama.items():
-        sums[(layer, t)] = sums[(layer, t)] + mean * counts[(t, tok)]
-        totals[(layer, t)] += counts[(t, tok)]
-    return {(layer, t, tok): sums[(layer, t)] / totals[(layer, t)] for (layer, t, tok) in cama}
-
-
-def brute_force_cama(hf, tokenizer, prompts):
-    """{(layer, position, token): mean h_layer} from one unbatched clean pass per prompt.
+def clean_residuals(hf, tokenizer, prompt):
+    """``(ids, [h_0 .. h_L])`` of one unbatched clean pass: ``ids`` a list of token ids and each
+    ``h_k`` a ``(T, D)`` float64 numpy array.
 
     ``h_k`` for ``k < L`` is Hugging Face's ``hidden_states[k]``; ``h_L`` is the last decoder
     layer's output *before* the final norm (HF's ``hidden_states[L]`` is after it).
     """
-    sums = defaultdict(lambda: 0.0)
-    counts = defaultdict(int)
     last_output = []
     handle = decoder_layers(hf)[-1].register_forward_hook(
         lambda module, args, out: last_output.append(out[0] if isinstance(out, tuple) else out))
-    with torch.no_grad():
-        for prompt in prompts:
+    try:
+        with torch.no_grad():
             ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
             hidden = hf(input_ids=ids, output_hidden_states=True).hidden_states
-            hidden = list(hidden[:-1]) + [last_output.pop()]
-            for layer, h in enumerate(hidden):
-                for t, tok in enumerate(ids[0].tolist()):
-                    sums[(layer, t, tok)] = sums[(layer, t, tok)] + h[0, t].double().numpy()
-                    counts[(layer, t, tok)] += 1
-    handle.remove()
+    finally:
+        handle.remove()
+    hidden = list(hidden[:-1]) + [last_output.pop()]
+    return ids[0].tolist(), [h[0].double().numpy() for h in hidden]
+
+
+def brute_force_cama(hf, tokenizer, prompts):
+    """{(layer, length, position, token): mean h_layer} from one unbatched clean pass per prompt.
+
+    The spec's grouping: a prompt's tokens are averaged only with prompts of the same token
+    ``length`` (so that positions line up), at the same position, with the same token.
+    """
+    sums = defaultdict(lambda: 0.0)
+    counts = defaultdict(int)
+    for prompt in prompts:
+        ids, hidden = clean_residuals(hf, tokenizer, prompt)
+        for layer, h in enumerate(hidden):
+            for t, tok in enumerate(ids):
+                key = (layer, len(ids), t, tok)
+                sums[key] = sums[key] + h[t]
+                counts[key] += 1
     return {key: sums[key] / counts[key] for key in sums}
+
+
+def brute_force_position_mean(hf, tokenizer, prompts):
+    """{(layer, length, position, token): mean h_layer over every prompt of that length at that
+    position, whatever its token} -- the position-only mean, keyed like CAMA so the hook
+    implementation can use either."""
+    sums = defaultdict(lambda: 0.0)
+    counts = defaultdict(int)
+    tokens_seen = set()
+    for prompt in prompts:
+        ids, hidden = clean_residuals(hf, tokenizer, prompt)
+        for layer, h in enumerate(hidden):
+            for t, tok in enumerate(ids):
+                sums[(layer, len(ids), t)] = sums[(layer, len(ids), t)] + h[t]
+                counts[(layer, len(ids), t)] += 1
+                tokens_seen.add((layer, len(ids), t, tok))
+    return {(layer, length, t, tok): sums[(layer, length, t)] / counts[(layer, length, t)]
+            for (layer, length, t, tok) in tokens_seen}
 
 
 def af1_logits_with_hooks(hf, encoding, rules, replace_layer=None, cama=None):
     """Logits ``(B, T, V)`` of ``hf`` under per-layer attention rules and a CAMA replacement of
-    ``h_{replace_layer}`` at real non-sink positions, with plain forward pre-hooks."""
+    ``h_{replace_layer}`` at real non-sink positions, with plain forward pre-hooks.
+
+    ``cama`` maps ``(layer, prompt length, position, token)`` to the replacement (as
+    :func:`brute_force_cama` returns it)."""
     mask2d = encoding["attention_mask"]
     batch, length = mask2d.shape
     eager = hf.config._attn_implementation == "eager"
@@ -160,7 +180,8 @@ def af1_logits_with_hooks(hf, encoding, rules, replace_layer=None, cama=None):
                         if pos == 0:
                             continue  # the sink keeps its clean state
                         tok = int(encoding["input_ids"][b, i])
-                        hidden[b, i] = torch.as_tensor(cama[(k, pos, tok)], dtype=hidden.dtype)
+                        value = cama[(k, len(real_idx), pos, tok)]
+                        hidden[b, i] = torch.as_tensor(value, dtype=hidden.dtype)
                 args[0] = hidden
             if k in rules:
                 allow = torch.stack([torch.from_numpy(allowed_matrix(mask2d[b].tolist(),

@@ -108,6 +108,11 @@ def test_attention_is_zero_exactly_where_forbidden(arch, digit_tok):
     assert torch.all(probs[:, causal] > 0) and torch.all(probs[:, ~causal] == 0)
 
 
+# Lengths 5, 5, 6, 6, 4 and 7 (digit tokenizer): "12+3=" and "12+30=" share (position, token)
+# pairs at positions 0-3 but differ in length, so a table that mixed lengths would differ.
+GROUPED_PROMPTS = ["12+3=", "45+6=", "12+30=", "12+30=", "9+9=", "Q 12+3="]
+
+
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_adapter_windows_are_the_models_own(arch, digit_tok):
     """Which layers slide, and how far, as the adapter says and as the model's own masks do
@@ -118,29 +123,67 @@ def test_adapter_windows_are_the_models_own(arch, digit_tok):
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
-def test_cama_table_equals_brute_force_group_mean(arch, number_tok):
-    model = wrap_tiny(arch, number_tok, tiny.supported_attention(arch))
-    prompts = ["12+30=", "12+7=", "5+30=", "12+30=", "What is 5+7? ", "What is 12+7? ", "9+9="]
-    table = build_cama_table(model, prompts, "test", batch_size=2, progress=False)
-    expected = reference.brute_force_cama(model.hf, number_tok, prompts)
-    keys = {(int(p), int(t)) for p, t in table.keys.tolist()}
-    assert keys == {(p, t) for (_, p, t) in expected}
-    for (layer, pos, tok), mean in expected.items():
-        got = table.lookup(layer, torch.tensor([pos]), torch.tensor([tok]))[0]
+def test_cama_table_equals_brute_force_group_mean(arch, digit_tok):
+    model = wrap_tiny(arch, digit_tok, tiny.supported_attention(arch))
+    lengths = {len(digit_tok(p)["input_ids"]) for p in GROUPED_PROMPTS}
+    assert lengths == {4, 5, 6, 7}
+    table = build_cama_table(model, GROUPED_PROMPTS, "test", batch_size=2, progress=False)
+    expected = reference.brute_force_cama(model.hf, digit_tok, GROUPED_PROMPTS)
+    positions = reference.brute_force_position_mean(model.hf, digit_tok, GROUPED_PROMPTS)
+    # Brute force keys (layer, length, position, token); table keys (position, token, length, 0).
+    assert {tuple(k) for k in table.keys.tolist()} == {
+        (p, t, n, 0) for (layer, n, p, t) in expected if layer == 0}
+    assert {tuple(k) for k in table.position_keys.tolist()} == {
+        (p, -1, n, 0) for (layer, n, p, _) in positions if layer == 0}
+    for (layer, n, p, t), mean in expected.items():
+        got = table.lookup(layer, torch.tensor([p, t, n, 0]))
         np.testing.assert_allclose(got.numpy(), mean, atol=2e-5, rtol=1e-5)
-    # Position-only means: the count-weighted average of that position's CAMA rows.
-    layer = 2
-    for i, pos in enumerate(table.position_keys.tolist()):
-        rows = [(mean, c) for (k, p, t), mean in expected.items() if k == layer and p == pos
-                for c in [sum(1 for q in prompts if _token_at(number_tok, q, p) == t)]]
-        want = sum(m * c for m, c in rows) / sum(c for _, c in rows)
-        np.testing.assert_allclose(table.position_means[table.layers.index(layer), i].numpy(),
-                                   want, atol=2e-5, rtol=1e-5)
+        row = table.position_keys.tolist().index([p, -1, n, 0])
+        np.testing.assert_allclose(table.position_means[table.layers.index(layer), row].numpy(),
+                                   positions[(layer, n, p, t)], atol=2e-5, rtol=1e-5)
+    # '+' at position 2 follows "12" and "45" in the 5-token prompts, "12" twice in the 6-token
+    # ones: the two lengths get different means (mixed, they would share one).
+    plus = digit_tok.convert_tokens_to_ids("+")
+    five, six = (table.lookup(3, torch.tensor([2, plus, n, 0])) for n in (5, 6))
+    assert not torch.allclose(five, six)
+    stats = table.statistics
+    assert stats["n_keys"] == len(table.keys) == int(table.metadata["n_keys"])
+    assert stats["prompts_per_length"] == {"4": 1, "5": 2, "6": 2, "7": 1}
+    assert stats["prompts_per_key_min"] == 1
+    assert stats["prompts_per_key_median"] == float(np.median(table.counts.numpy()))
 
 
-def _token_at(tokenizer, prompt, position):
-    ids = tokenizer(prompt)["input_ids"]
-    return ids[position] if position < len(ids) else None
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_grouped_table_keeps_templates_apart(arch, digit_tok):
+    """Two templates of equal length: with groups the table holds each template's own means
+    (the brute force over that template's prompts alone), and AF1 reads them only when the
+    trace passes each prompt's group."""
+    first, second = ["1+2=", "3+4=", "1+5="], ["1-2=", "3-4=", "1-5="]
+    prompts, groups = first + second, [0, 0, 0, 1, 1, 1]
+    model = wrap_tiny(arch, digit_tok, "eager")
+    table = build_cama_table(model, prompts, "test", progress=False, groups=groups)
+    for group, members in enumerate((first, second)):
+        for (layer, n, p, t), mean in reference.brute_force_cama(model.hf, digit_tok,
+                                                                 members).items():
+            got = table.lookup(layer, torch.tensor([p, t, n, group]))
+            np.testing.assert_allclose(got.numpy(), mean, atol=2e-5, rtol=1e-5)
+    plan = AF1Plan(2, 1)
+    cama = table.layer(2)
+    enc = model.encode(prompts)
+    with torch.no_grad(), model.lm.trace(enc):
+        apply_af1(model.sites, plan, cama, groups=torch.tensor(groups))
+        ours = model.lm.output.logits[:, -1].save()
+    rules = reference.af1_rules(model.n_layers, 2, 1)
+    for group, members in enumerate((first, second)):
+        rows = [i for i, g in enumerate(groups) if g == group]
+        theirs = reference.af1_logits_with_hooks(
+            model.hf, model.encode(members), rules, 2,
+            reference.brute_force_cama(model.hf, digit_tok, members))[:, -1]
+        torch.testing.assert_close(ours[rows], theirs, atol=2e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="groups="):
+        with torch.no_grad(), model.lm.trace(enc):
+            apply_af1(model.sites, plan, cama)
+
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
@@ -176,7 +219,7 @@ def test_cama_layer_mismatch_and_missing_key_are_clear_errors(digit_tok):
     model = wrap_tiny("llama", digit_tok, "sdpa")
     table = build_cama_table(model, ["3+4="], "test", progress=False)
     enc = model.encode(["3+5="])
-    with pytest.raises(KeyError, match=r"no entry for \(position, token\) \(2, "):
+    with pytest.raises(KeyError, match=r"no entry for \(position, token, length, group\) \(2, "):
         with torch.no_grad(), model.lm.trace(enc):
             apply_af1(model.sites, AF1Plan(2, 1), table.layer(2))
     with pytest.raises(ValueError, match="replaces h_2 but the CAMA layer given is h_1"):
@@ -203,3 +246,32 @@ def test_af1_in_one_of_several_invokes_leaves_the_others_clean(attn, pair, digit
     _, clean_alone = nnsight_logits(model, [pair[1]])
     torch.testing.assert_close(af1_in_batch, af1_alone[:, -1], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(clean_in_batch, clean_alone[:, -1], atol=1e-5, rtol=1e-5)
+
+
+def test_tables_of_the_old_key_layout_are_refused_and_never_found(tmp_path, digit_tok):
+    from safetensors.torch import save_file
+
+    from interventions.mechanisms.cama import (FORMAT, CamaMismatch, CamaTable,
+                                               cached_cama_table, cama_cache_path)
+
+    model = wrap_tiny("llama", digit_tok, "eager")
+    table = build_cama_table(model, GROUPED_PROMPTS, "fp", progress=False)
+    # What the previous version wrote: (position, token) keys, format af1-cama-v1, a cache name
+    # without the format, and the same model, data set and dtype.
+    old_keys = table.keys[:, :2].unique(dim=0)
+    old = {"keys": old_keys, "counts": torch.ones(len(old_keys), dtype=torch.long),
+           "means": torch.zeros(len(table.layers), len(old_keys), table.means.shape[-1]),
+           "layers": torch.tensor(table.layers), "position_keys": old_keys[:, 0].unique(),
+           "position_means": torch.zeros(len(table.layers), 1, table.means.shape[-1])}
+    metadata = {k: v for k, v in table.metadata.items() if isinstance(v, str)}
+    path = cama_cache_path(model, "fp", tmp_path)
+    assert path.name.endswith(f"-{FORMAT}.safetensors")
+    old_path = path.with_name(path.name.replace(f"-{FORMAT}", ""))
+    old_path.parent.mkdir(parents=True)
+    save_file(old, str(old_path), metadata={**metadata, "format": "af1-cama-v1"})
+    with pytest.raises(CamaMismatch, match="older format 'af1-cama-v1'.*mix prompts of "
+                                           "different token lengths; rebuild it"):
+        CamaTable.load(old_path)
+    rebuilt, where, was_cached = cached_cama_table(model, GROUPED_PROMPTS, "fp", tmp_path)
+    assert not was_cached and where == path
+    assert torch.equal(rebuilt.keys, table.keys)

@@ -80,7 +80,8 @@ BAD_INPUTS = {
     "grid beyond the model": (["--l-wait", "3", "--l-transfer", "2"], "cannot fit"),
     "negative layer": (["--l-wait=-1"], ">= 0"),
     "template without slots": (["--template", "hello there"], "has no slots"),
-    "filtering empties the data set": (["--operand-range", "5-9"], "no prompt whose answer"),
+    "no operands with a non-negative result": (["--tasks", "A-B-C", "--operand-range", "1-1"],
+                                               "non-negative result"),
     "unknown task": (["--tasks", "A*B"], "unknown task"),
     "bad layer syntax": (["--l-transfer", "two"], "takes a value"),
 }

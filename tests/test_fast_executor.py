@@ -152,7 +152,8 @@ def test_errors_match_the_reference(digit_tok):
     model = wrap_tiny("llama", digit_tok, "sdpa")
     table = build_cama_table(model, ["3+4="], "test", progress=False)
     fast = FastExecutor(model, ["3+5="], [5])
-    with pytest.raises(KeyError, match=r"no entry for \(position, token\) \(2, "):
+    with pytest.raises(KeyError,
+                       match=r"no entry for \(position, token, length, group\) \(2, "):
         fast.run(AF1Plan(2, 1), table.layer(2))
     with pytest.raises(ValueError, match="replaces h_2 but the CAMA layer given is h_1"):
         fast.run(AF1Plan(2, 1), table.layer(1))

@@ -28,6 +28,7 @@ from tasks import (  # noqa: E402
     TaskBuild,
     build_task,
     default_operand_range,
+    expand_answer_prefixes,
     load_task,
     number_mode,
     save_task,
@@ -84,14 +85,20 @@ def _operands(ds) -> list[tuple]:
     return list(zip(ds["A"], ds["B"], ds["C"]))
 
 
-def _assert_rule(tok, ds) -> None:
-    """Every row obeys the answer-token rule, checked with the tokenizer's own __call__."""
+def _assert_rule(tok, ds, single=True) -> None:
+    """Every row obeys the answer-token rule, checked with the tokenizer's own __call__, and its
+    input_ids are what the tokenizer makes of its prompt."""
     for row in ds:
         p = _ids(tok, row["prompt"])
-        assert _ids(tok, row["prompt"] + row["answer"]) == p + [row["answer_token_id"]], row
-        assert row["n_tokens"] == len(p)
-        assert tok.decode([row["answer_token_id"]]) == row["answer"]
-        assert row["answer"].strip() == str(row["answer_value"])
+        assert _ids(tok, row["prompt"] + row["answer"]) == p + row["answer_token_ids"], row
+        assert row["answer_token_id"] == row["answer_token_ids"][0]
+        assert len(row["answer_token_ids"]) == 1 or not single
+        assert row["input_ids"] == p and row["n_tokens"] == len(p)
+        assert "".join(tok.convert_ids_to_tokens(row["answer_token_ids"])) == row["answer"]
+        # An expanded row (teacher forcing) answers with the rest of its source's answer.
+        whole = row["answer"].strip() if row.get("answer_step", 0) == 0 else None
+        assert str(row["answer_value"]) == whole or (
+            whole is None and str(row["answer_value"]).endswith(row["answer"].strip()))
 
 
 # ------------------------------------------------------------------ modes and ranges
@@ -189,8 +196,12 @@ def test_every_style_builds_on_digit_tokenizer(task, style):
     assert _operands(ds) == kept
     template = template_for(task, style)
     assert set(ds["template"]) == {template} and set(ds["style"]) == {style}
-    # Digits and spaces are separate tokens here, so no whitespace moves: prompt = template text.
-    assert ds["prompt"] == [template.format(A=a, B=b) for a, b in kept]
+    # Digits and spaces are separate tokens here, so no whitespace moves: prompt = template text,
+    # after the BOS where the template starts with an operand (the sink must be one token).
+    bos = "<s>" if style == "symbolic" else ""
+    assert build.bos_prepended == (style == "symbolic")
+    assert ds["prompt"] == [bos + template.format(A=a, B=b) for a, b in kept]
+    assert len({ids[0] for ids in ds["input_ids"]}) == 1
     assert ds["answer"] == [str(v) for v in ds["answer_value"]]
     _assert_rule(tok, ds)
 
@@ -249,9 +260,9 @@ def test_unknown_task_and_style():
 
 
 def test_empty_after_filter_is_a_clear_error():
-    # Every sum of operands 5..9 is >= 10: two digit tokens, so nothing is left.
+    # Every sum of operands 5..9 is >= 10: two digit tokens, so nothing single-token is left.
     with pytest.raises(ValueError) as err:
-        build_task(digit_tokenizer(), "A+B", operand_range=(5, 9))
+        build_task(digit_tokenizer(), "A+B", operand_range=(5, 9), answer_tokens="single")
     message = str(err.value)
     assert "no prompt whose answer is a single token" in message
     assert "25 candidates" in message and "all dropped" in message and "\n" not in message
@@ -271,7 +282,7 @@ def test_whitespace_moves_into_the_answer_for_gpt2_like_bpe():
     _assert_rule(tok, words)
     # After "=" there is no whitespace to move: the bare digit is the answer.
     symbolic = build_task(tok, "A+B", style="symbolic").dataset
-    assert symbolic[0]["prompt"] == "1+1=" and symbolic[0]["answer"] == "2"
+    assert symbolic[0]["prompt"] == "<s>1+1=" and symbolic[0]["answer"] == "2"
     _assert_rule(tok, symbolic)
 
 
@@ -413,3 +424,123 @@ def test_load_task_errors(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="no saved task at"):
         load_task(tmp_path / "empty")
+
+
+# ------------------------------------------------------------------ the sink
+
+def test_operand_first_template_gets_the_bos_as_sink():
+    tok = digit_tokenizer()  # adds no BOS; its bos_token is "<s>"
+    build = build_task(tok, "A-B", template="{A} minus {B} is ")
+    ds = build.dataset
+    assert build.bos_prepended and "BOS prepended as the sink" in build.summary()
+    assert all(p.startswith("<s>") for p in ds["prompt"])
+    assert {ids[0] for ids in ds["input_ids"]} == {tok.bos_token_id}
+    # BOS + the prompt's own tokens, nothing merged across the boundary.
+    assert all(ids[1:] == _ids(tok, p[len("<s>"):]) for ids, p in zip(ds["input_ids"], ds["prompt"]))
+    assert task_metadata(ds)["sink"] == {"token_id": tok.bos_token_id, "token": "<s>",
+                                         "bos_prepended": True, "prefix": "<s>"}
+    _assert_rule(tok, ds)
+
+
+def test_constant_first_word_and_automatic_bos_need_nothing():
+    digits = build_task(digit_tokenizer(), "A+B", style="calculate")
+    assert not digits.bos_prepended
+    assert task_metadata(digits.dataset)["sink"]["token"] == "C"
+    numbers = build_task(number_tokenizer(), "A+B", style="symbolic", operand_range=(1, 20))
+    assert not numbers.bos_prepended and numbers.dataset[0]["prompt"] == "1+1="
+    assert {ids[0] for ids in numbers.dataset["input_ids"]} == {number_tokenizer().bos_token_id}
+
+
+def test_one_operand_value_is_a_constant_sink():
+    ds = build_task(digit_tokenizer(), "A+B", style="symbolic", operand_range=(4, 4),
+                    answer_tokens="single").dataset
+    assert ds["prompt"] == ["4+4="]  # position 0 is the same token in every prompt
+
+
+def test_no_bos_to_prepend_is_refused_with_the_fix():
+    tok = PreTrainedTokenizerFast(tokenizer_object=_wordlevel([], r".").backend_tokenizer,
+                                  pad_token="<pad>", unk_token="<unk>")
+    assert tok.bos_token is None
+    with pytest.raises(ValueError) as err:
+        build_task(tok, "A+B", style="symbolic")
+    message = str(err.value)
+    assert "not the same token in every prompt" in message and "no BOS" in message
+    assert "'Calculate: {A}+{B}='" in message and "\n" not in message
+
+
+def test_bos_text_that_does_not_read_as_bos_is_refused():
+    tok = digit_tokenizer()
+    tok.bos_token = "<x>"  # not a special token: reads as '<', 'x', '>'
+    with pytest.raises(ValueError, match="does not read the text '<x>' as its BOS token"):
+        build_task(tok, "A+B", style="symbolic")
+
+
+# ------------------------------------------------------------------ answers of several tokens
+
+def test_explicit_range_on_digit_tokenizer_keeps_multi_token_answers():
+    tok = digit_tokenizer()
+    build = build_task(tok, "A+B", operand_range=(10, 99), n_prompts=300, seed=2)
+    ds = build.dataset
+    assert build.answer_tokens == "any" and build.n_candidates == 90 * 90
+    assert build.n_dropped == 0 and len(ds) == 300
+    # Sums 20..198: two digits below 100, three from 100 on; counted here with plain loops.
+    expected = {2: 0, 3: 0}
+    for a in range(10, 100):
+        for b in range(10, 100):
+            expected[len(str(a + b))] += 1
+    exact = build_task(tok, "A+B", operand_range=(10, 99))
+    assert task_metadata(exact.dataset)["n_answer_tokens"] == {str(k): v for k, v in expected.items()}
+    assert build.summary().endswith("answers of 2-3 tokens")
+    _assert_rule(tok, ds, single=False)
+    assert all(len(ids) == len(str(v)) for ids, v in zip(ds["answer_token_ids"], ds["answer_value"]))
+    # The default range keeps the spec's single-digit results, counting what it drops.
+    assert build_task(tok, "A+B").answer_tokens == "single"
+    # Where numbers are single tokens an explicit range changes nothing.
+    assert build_task(number_tokenizer(), "A+B", operand_range=(10, 99)).answer_tokens == "single"
+
+
+def test_multi_token_answers_with_moved_whitespace():
+    tok = gpt2_like_tokenizer()  # " 15" -> " 1", "5"
+    ds = build_task(tok, "A+B", style="words", operand_range=(5, 9)).dataset
+    row = ds[-1]  # 9 + 9
+    assert row["prompt"] == "The sum of 9 and 9 is" and row["answer"] == " 18"
+    assert tok.convert_ids_to_tokens(row["answer_token_ids"]) == [" 1", "8"]
+    _assert_rule(tok, ds, single=False)
+
+
+@pytest.mark.parametrize("make,style", [(digit_tokenizer, "calculate"),
+                                        (gpt2_like_tokenizer, "words"),
+                                        (digit_tokenizer, "symbolic")])
+def test_expanded_prefixes_are_valid_rows(make, style):
+    tok = make()
+    base = build_task(tok, "A+B", style=style, operand_range=(3, 60), n_prompts=40, seed=5).dataset
+    ds = expand_answer_prefixes(base, tok)
+    assert len(ds) == sum(len(ids) for ids in base["answer_token_ids"])
+    _assert_rule(tok, ds, single=False)
+    for row in ds:
+        source = base[row["source_row"]]
+        step = row["answer_step"]
+        # The prompt is the source prompt plus the answer's first `step` tokens, as text and ids.
+        assert row["prompt"] + row["answer"] == source["prompt"] + source["answer"]
+        assert row["input_ids"] == source["input_ids"] + source["answer_token_ids"][:step]
+        assert row["answer_token_id"] == source["answer_token_ids"][step]
+    assert ds["source_row"] == sorted(ds["source_row"])
+    assert task_metadata(ds)["expanded_from"] == task_fingerprint(base)
+
+
+def test_expanding_single_token_answers_changes_nothing():
+    tok = digit_tokenizer()
+    base = build_task(tok, "A+B").dataset
+    ds = expand_answer_prefixes(base, tok)
+    assert ds["prompt"] == base["prompt"] and set(ds["answer_step"]) == {0}
+    assert task_fingerprint(ds) == task_fingerprint(base)  # same prompts, same CAMA table
+
+
+def test_answer_no_text_prefix_produces_is_refused():
+    # "12" is one token only before "3" ("123" -> "12", "3"; "12" alone -> "1", "2").
+    tok = _wordlevel(["12"], r"12(?=3)|.")
+    base = build_task(tok, "A+B", template="Calculate: {A}+{B}=", operand_range=(61, 62),
+                      answer_tokens="any").dataset
+    assert "123" in base["answer"]
+    with pytest.raises(ValueError, match="no prefix of its text tokenizes to its first 1"):
+        expand_answer_prefixes(base, tok)

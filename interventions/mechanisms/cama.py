@@ -1,10 +1,12 @@
 """CAMA (Context-Aware Mean Ablation) tables: build by streaming, store, check, look up.
 
 ``CAMA_k(t, x_t) = E[h_k(x')[t] | x'_t = x_t]``: the mean of the clean model's residual ``h_k`` at
-position ``t`` over the data-set prompts whose token at ``t`` equals ``x_t``. The table is keyed
-by ``(position, token id)`` per layer. It is built from batched clean forward passes by adding
-each batch into running float64 sums (memory: the table plus one batch, never all activations)
-and stored as safetensors with metadata that ties it to one model and one data set.
+position ``t`` over the data-set prompts whose token at ``t`` equals ``x_t``, among the prompts of
+the same token length and group (template), so that positions line up. The table is keyed by
+``(position, token id, length, group)`` per layer (:data:`~.traced.KEY_COLUMNS`). It is built
+from batched clean forward passes by adding each batch into running float64 sums (memory: the
+table plus one batch, never all activations) and stored as safetensors with metadata that ties
+it to one model and one data set and says how many prompts stand behind each key.
 """
 
 from __future__ import annotations
@@ -21,9 +23,11 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from ..errors import UserError
-from .traced import CamaLayer, accumulate_residuals, prompt_layout
+from .traced import (KEY_COLUMNS, KEY_LENGTH, KEY_POSITION, KEY_TOKEN, CamaLayer,
+                     accumulate_residuals, prompt_layout, token_keys)
 
-FORMAT = "af1-cama-v1"
+# v1 keyed (position, token) only and mixed prompts of different lengths; v2 adds length, group.
+FORMAT = "af1-cama-v2"
 
 
 class CamaMismatch(UserError):
@@ -31,16 +35,18 @@ class CamaMismatch(UserError):
 
 
 class CamaTable:
-    """Per-layer means of the clean residual stream keyed by ``(position, token)``.
+    """Per-layer means of the clean residual stream keyed by ``(position, token, length, group)``.
 
     Attributes:
         layers: residual indices ``k`` stored (``h_k`` enters layer ``k``; ``h_L`` is final).
-        keys: ``(K, 2)`` int64 ``(position, token_id)``.
-        counts: ``(K,)`` int64 number of (prompt, position) pairs behind each key.
+        keys: ``(K, 4)`` int64 ``(position, token_id, length, group)`` (``KEY_COLUMNS``).
+        counts: ``(K,)`` int64 number of prompts behind each key.
         means: ``(len(layers), K, D)`` float32.
-        position_keys: ``(P,)`` int64 positions; ``position_means``: ``(len(layers), P, D)``,
-            the mean over every prompt at that position whatever its token.
-        metadata: ``model``, ``model_fingerprint``, ``dataset_fingerprint``, ``dtype``, ...
+        position_keys: ``(P, 4)`` int64 keys with token ``-1`` (any); ``position_means``:
+            ``(len(layers), P, D)``, the mean over every prompt of that length and group at that
+            position whatever its token.
+        metadata: ``model``, ``model_fingerprint``, ``dataset_fingerprint``, ``dtype``, and the
+            key statistics of :func:`key_statistics`, ...
     """
 
     def __init__(self, layers, keys, counts, means, position_keys, position_means, metadata):
@@ -76,9 +82,9 @@ class CamaTable:
         return CamaLayer(layer, self.keys, self.means[self._row(layer)].clone(), "cama")
 
     def position_mean_layer(self, layer: int) -> CamaLayer:
-        """Position-only means of ``h_layer`` (the "position mean" alternative to CAMA)."""
-        keys = torch.stack([self.position_keys, torch.full_like(self.position_keys, -1)], -1)
-        return CamaLayer(layer, keys, self.position_means[self._row(layer)].clone(),
+        """Position-only means of ``h_layer`` (the "position mean" alternative to CAMA), per
+        prompt length and group like CAMA."""
+        return CamaLayer(layer, self.position_keys, self.position_means[self._row(layer)].clone(),
                          "position_mean")
 
     def for_intervention(self, intervention) -> CamaLayer | None:
@@ -89,19 +95,24 @@ class CamaTable:
             return self.position_mean_layer(intervention.replace_layer)
         return None
 
-    def lookup(self, layer: int, positions: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        """Means for given positions and tokens (any equal shapes ``S``) -> ``(*S, D)``.
+    def lookup(self, layer: int, keys: torch.Tensor) -> torch.Tensor:
+        """Means for given keys ``(*S, 4)`` (``(position, token, length, group)``) -> ``(*S, D)``.
 
-        Raises :class:`KeyError` naming the first missing ``(position, token)``.
+        Raises :class:`KeyError` naming the first missing key.
         """
-        index = {(int(p), int(t)): i for i, (p, t) in enumerate(self.keys.tolist())}
+        index = {tuple(key): i for i, key in enumerate(self.keys.tolist())}
         rows = []
-        for p, t in zip(positions.reshape(-1).tolist(), tokens.reshape(-1).tolist()):
-            if (p, t) not in index:
-                raise KeyError(f"CAMA table has no entry for (position {p}, token {t})")
-            rows.append(index[(p, t)])
+        for key in keys.reshape(-1, len(KEY_COLUMNS)).tolist():
+            if tuple(key) not in index:
+                raise KeyError(f"CAMA table has no entry for {dict(zip(KEY_COLUMNS, key))}")
+            rows.append(index[tuple(key)])
         means = self.means[self._row(layer)]
-        return means[torch.tensor(rows, dtype=torch.long)].reshape(*positions.shape, -1)
+        return means[torch.tensor(rows, dtype=torch.long)].reshape(*keys.shape[:-1], -1)
+
+    @property
+    def statistics(self) -> dict:
+        """Keys and prompts behind them: see :func:`key_statistics`."""
+        return key_statistics(self.keys, self.counts)
 
     def check(self, model_fingerprint: str | None = None, dataset_fingerprint: str | None = None,
               dtype: str | None = None, layers: Sequence[int] | None = None) -> "CamaTable":
@@ -145,35 +156,71 @@ class CamaTable:
                 tensors = {name: handle.get_tensor(name) for name in handle.keys()}
         except Exception as err:  # safetensors raises its own error types
             raise UserError(f"{str(path)!r} is not a CAMA table ({err})") from None
-        if metadata.get("format") != FORMAT:
-            raise UserError(f"{str(path)!r} is not a CAMA table (format "
-                            f"{metadata.get('format')!r}, expected {FORMAT!r})")
+        found = metadata.get("format")
+        if found != FORMAT and str(found).startswith("af1-cama-"):
+            raise CamaMismatch(f"CAMA table {str(path)!r} has the older format {found!r}, whose "
+                               f"keys mix prompts of different token lengths; rebuild it "
+                               f"(drop --cama-table; this version writes {FORMAT!r})")
+        if found != FORMAT:
+            raise UserError(f"{str(path)!r} is not a CAMA table (format {found!r}, expected "
+                            f"{FORMAT!r})")
         return cls(tensors["layers"].tolist(), tensors["keys"], tensors["counts"],
                    tensors["means"], tensors["position_keys"], tensors["position_means"],
                    metadata)
 
 
-def table_keys(encodings: Sequence[dict]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every ``(position, token)`` of the real tokens in the batches, sorted, and its count.
+def table_keys(encodings: Sequence[dict], groups: Sequence[torch.Tensor] | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every key ``(position, token, length, group)`` of the real tokens in the batches, sorted,
+    and the number of prompts behind it.
 
-    Returns ``keys (K, 2)`` int64 and ``counts (K,)`` int64.
+    Args:
+        encodings: batches with ``input_ids``/``attention_mask`` ``(B, T)``.
+        groups: per batch, the ``(B,)`` group of each prompt, or ``None`` (all group 0).
+    Returns:
+        ``keys (K, 4)`` int64 and ``counts (K,)`` int64.
     """
-    pairs = []
-    for enc in encodings:
+    found = []
+    for i, enc in enumerate(encodings):
         real, positions = prompt_layout(enc["input_ids"], enc["attention_mask"])
-        pairs.append(torch.stack([positions[real], enc["input_ids"][real]], -1))
-    keys, counts = torch.cat(pairs).unique(dim=0, return_counts=True)
+        keys = token_keys(enc["input_ids"], real, positions, None if groups is None else groups[i])
+        found.append(keys[real])
+    keys, counts = torch.cat(found).unique(dim=0, return_counts=True)
     return keys, counts
 
 
+def position_mean_keys(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The position-only keys of a table's ``keys (K, 4)``: the same keys with token ``-1``
+    (any), distinct and sorted, ``(P, 4)``, and for each table key its row among them ``(K,)``."""
+    any_token = keys.clone()
+    any_token[:, KEY_TOKEN] = -1
+    return any_token.unique(dim=0, return_inverse=True)
+
+
+def key_statistics(keys: torch.Tensor, counts: torch.Tensor) -> dict:
+    """How well a table's means are supported: the number of keys, the smallest and the median
+    number of prompts behind a key, and the prompts per token length (a length's prompts are
+    the counts of its sink keys)."""
+    sink = keys[:, KEY_POSITION] == 0
+    per_length: dict[str, int] = {}
+    for length, count in zip(keys[sink, KEY_LENGTH].tolist(), counts[sink].tolist()):
+        per_length[str(length)] = per_length.get(str(length), 0) + count
+    return {"key_layout": list(KEY_COLUMNS), "n_keys": len(keys),
+            "prompts_per_key_min": int(counts.min()) if len(counts) else 0,
+            "prompts_per_key_median": float(counts.double().median()) if len(counts) else 0.0,
+            "prompts_per_length": per_length}
+
+
 def local_residual_sums(model, encodings: Sequence[dict], layers: Sequence[int],
-                        keys: torch.Tensor, progress: bool = True) -> torch.Tensor:
+                        keys: torch.Tensor, progress: bool = True,
+                        groups: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
     """The default runner of :func:`build_cama_table`: clean traces on the local model.
 
     Args:
         encodings: the batches (``input_ids``/``attention_mask`` ``(B, T)``, left padded).
         layers: ascending residual indices ``k`` in ``0..L``.
-        keys: ``(K, 2)`` int64 table keys (every key of the real tokens of ``encodings``).
+        keys: ``(K, 4)`` int64 table keys (every key of the real tokens of ``encodings``).
+        groups: per batch, the ``(B,)`` group of each prompt, or ``None``.
     Returns:
         ``(len(layers), K, D)`` float64 sums of the clean ``h_k`` per key, on the CPU.
     """
@@ -184,9 +231,10 @@ def local_residual_sums(model, encodings: Sequence[dict], layers: Sequence[int],
     keys_dev = keys.to(device)
     bar = tqdm(encodings, desc="CAMA table", unit="batch", disable=not progress, leave=False)
     with torch.no_grad():
-        for enc in bar:
+        for i, enc in enumerate(bar):
+            batch_groups = None if groups is None else groups[i].to(device)
             with model.lm.trace(enc) as tracer:
-                accumulate_residuals(model.sites, layers, keys_dev, sums)
+                accumulate_residuals(model.sites, layers, keys_dev, sums, batch_groups)
                 # The table needs no logits: stop before the head (it would compute
                 # (B, T, V) logits, most of the build's peak memory).
                 tracer.stop()
@@ -195,7 +243,8 @@ def local_residual_sums(model, encodings: Sequence[dict], layers: Sequence[int],
 
 def build_cama_table(model, prompts: Sequence[str], dataset_fingerprint: str,
                      layers: Sequence[int] | None = None, batch_size: int = 32,
-                     progress: bool = True, runner=None) -> CamaTable:
+                     progress: bool = True, runner=None,
+                     groups: Sequence[int] | None = None) -> CamaTable:
     """Build the CAMA table of ``model`` over ``prompts`` from clean forward passes.
 
     Args:
@@ -207,6 +256,11 @@ def build_cama_table(model, prompts: Sequence[str], dataset_fingerprint: str,
             progress)`` and returning the ``(len(layers), K, D)`` float64 sums per key (see
             :func:`local_residual_sums`, the default; ``RemoteClient.cama_runner`` sums on NDIF).
             Keys, counts and means are made here whatever runs the passes.
+        groups: the group of each prompt (e.g. its template's index) for a data set of several
+            templates; ``None`` (one template) puts every prompt in group 0. Prompts are always
+            grouped by their token length too. Traces that use a table built with groups must
+            pass each prompt's group (``apply_af1(..., groups=)``); only the local runner takes
+            groups so far.
     Returns:
         a :class:`CamaTable` (float32 means of float64 sums).
     """
@@ -217,12 +271,26 @@ def build_cama_table(model, prompts: Sequence[str], dataset_fingerprint: str,
     if len(prompts) == 0:
         raise UserError("cannot build a CAMA table from an empty data set")
     started = time.time()
-    encodings = [enc for _, enc in model.encode_batches(prompts, batch_size)]
-    keys, counts = table_keys(encodings)
-    sums = (runner or local_residual_sums)(model, encodings, layers, keys, progress)
+    batches = model.encode_batches(prompts, batch_size)
+    encodings = [enc for _, enc in batches]
+    batch_groups = None
+    if groups is not None:
+        if runner is not None:
+            raise ValueError("grouped CAMA tables are built by the local runner only")
+        if len(groups) != len(prompts):
+            raise ValueError(f"groups has {len(groups)} entries for {len(prompts)} prompts")
+        groups = torch.as_tensor(groups, dtype=torch.long)
+        if bool((groups < 0).any()):
+            raise ValueError("groups must be >= 0")
+        batch_groups = [groups[torch.tensor(indices)] for indices, _ in batches]
+    keys, counts = table_keys(encodings, batch_groups)
+    if batch_groups is None:
+        sums = (runner or local_residual_sums)(model, encodings, layers, keys, progress)
+    else:
+        sums = local_residual_sums(model, encodings, layers, keys, progress, batch_groups)
     hidden = sums.shape[-1]
     means = (sums / counts.to(sums)[None, :, None]).float().cpu()
-    position_keys, position_index = keys[:, 0].unique(return_inverse=True)
+    position_keys, position_index = position_mean_keys(keys)
     position_sums = torch.zeros(len(layers), len(position_keys), hidden, dtype=torch.float64)
     position_sums.index_add_(1, position_index, sums.cpu())
     position_counts = torch.zeros(len(position_keys), dtype=torch.float64).index_add_(
@@ -237,6 +305,7 @@ def build_cama_table(model, prompts: Sequence[str], dataset_fingerprint: str,
         "layers": json.dumps(layers),
         "n_prompts": str(len(prompts)),
         "batch_size": str(batch_size),
+        **{name: json.dumps(value) for name, value in key_statistics(keys, counts).items()},
         "seconds": f"{time.time() - started:.2f}",
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
@@ -250,7 +319,8 @@ def cama_cache_path(model, dataset_fingerprint: str, root: Path,
     import hashlib
 
     model_key = hashlib.sha256(model.identity.fingerprint.encode()).hexdigest()[:16]
-    name = f"{model_key}-{dataset_fingerprint}-{model.identity.dtype}"
+    # The format is part of the name: a table of an older key layout is never found.
+    name = f"{model_key}-{dataset_fingerprint}-{model.identity.dtype}-{FORMAT}"
     if layers is not None:
         subset = json.dumps(sorted({int(k) for k in layers}))
         name += f"-layers-{hashlib.sha256(subset.encode()).hexdigest()[:12]}"

@@ -10,7 +10,8 @@ Typical use inside a user's own trace (see the README)::
         apply_af1(model.sites, AF1Plan(l_wait=15, l_transfer=2), cama=table.layer(15))
         ids = model.lm.lm_head.output[:, -1].argmax(-1).save()
 
-Shapes: ``B`` batch, ``T`` padded length (left padding), ``D`` hidden size, ``K`` table keys.
+Shapes: ``B`` batch, ``T`` padded length (left padding), ``D`` hidden size, ``K`` table keys
+(each ``(position, token, prompt length, group)``: :data:`KEY_COLUMNS`).
 """
 
 import sys
@@ -56,13 +57,21 @@ class ModelSites:
         return len(self.layers)
 
 
+# The columns of a CAMA table key (``keys``: ``(K, 4)`` int64 rows). The spec groups prompts by
+# template and token length "so that positions line up": a key holds the prompt's length and a
+# group (a template's index; 0 when a data set has one template), so that prompts of different
+# lengths or templates never share a mean. Token ``-1`` matches any token (a position-only mean).
+KEY_POSITION, KEY_TOKEN, KEY_LENGTH, KEY_GROUP = 0, 1, 2, 3
+KEY_COLUMNS = ("position", "token", "length", "group")
+
+
 class CamaLayer:
     """One layer of a CAMA table, the only part of a table a trace needs.
 
     Attributes:
         layer: the residual index ``k`` (``h_k`` enters decoder layer ``k``).
-        keys: ``(K, 2)`` int64 rows ``(position, token_id)``; token ``-1`` matches any token
-            (a position-only mean).
+        keys: ``(K, 4)`` int64 rows ``(position, token_id, prompt length, group)`` (see
+            :data:`KEY_COLUMNS`); token ``-1`` matches any token (a position-only mean).
         means: ``(K, D)`` float32 mean of the clean ``h_k`` over the prompts with that key.
         kind: ``"cama"`` or ``"position_mean"``.
     """
@@ -170,28 +179,46 @@ def mask_like(allow, existing, attn_implementation, dtype):
     return zeros.masked_fill(~allow, torch.finfo(dtype).min)
 
 
-def match_keys(keys, input_ids, positions):
-    """Row of ``keys`` for each token: ``(B, T)`` int64, ``-1`` where no key matches.
+def token_keys(input_ids, real, positions, groups=None):
+    """Every token's CAMA key: ``(B, T, 4)`` int64 ``(position, token, length, group)``.
 
-    A key ``(p, t)`` matches a token at position ``p`` with id ``t``; ``t = -1`` matches any id.
+    Args:
+        input_ids, real, positions: ``(B, T)`` as from :func:`read_prompt`.
+        groups: ``(B,)`` int64 group of each prompt (its template's index), or ``None``: all 0.
+    """
+    lengths = real.long().sum(-1)
+    if groups is None:
+        groups = torch.zeros_like(lengths)
+    per_prompt = torch.stack([lengths, groups.to(lengths.device, torch.long)], -1)  # (B, 2)
+    return torch.cat([positions[..., None], input_ids[..., None],
+                      per_prompt[:, None, :].expand(-1, positions.shape[1], -1)], -1)
+
+
+def match_keys(keys, input_ids, real, positions, groups=None):
+    """Row of ``keys`` ``(K, 4)`` for each token: ``(B, T)`` int64, ``-1`` where no key matches.
+
+    A key matches a token when its position, prompt length and group are the token's and its
+    token id is the token's id or ``-1`` (any). A table built with groups (any group id above 0)
+    needs ``groups``: without them every prompt would fall into group 0.
     """
     keys = keys.to(input_ids.device)
-    key_pos = keys[:, 0]
-    key_tok = keys[:, 1]
-    match = (key_pos == positions[..., None]) & (
-        (key_tok == input_ids[..., None]) | (key_tok == -1)
-    )  # (B, T, K)
+    if groups is None and bool((keys[:, KEY_GROUP] > 0).any()):
+        raise ValueError("this CAMA table groups prompts (by template); pass groups=, the (B,) "
+                         "group of each prompt in the batch")
+    same = token_keys(input_ids, real, positions, groups)[..., None, :] == keys  # (B, T, K, 4)
+    same[..., KEY_TOKEN] |= keys[:, KEY_TOKEN] == -1
+    match = same.all(-1)
     found = match.any(-1)
     first = match.int().argmax(-1)
     return torch.where(found, first, torch.full_like(first, -1))
 
 
-def wait_replacement(intervention, cama, input_ids, real, positions):
+def wait_replacement(intervention, cama, input_ids, real, positions, groups=None):
     """Values that replace ``h_{replace_layer}`` and where: ``(B, T, D)`` (or a broadcastable
     zero) and ``(B, T)`` bool.
 
     Every real non-sink position is replaced; the sink keeps its clean state (its state never
-    depends on other tokens, so no stage changes it).
+    depends on other tokens, so no stage changes it). ``groups``: see :func:`match_keys`.
     """
     where = real & (positions > 0)
     layer = intervention.replace_layer
@@ -206,14 +233,14 @@ def wait_replacement(intervention, cama, input_ids, real, positions):
     if cama.kind != intervention.replacement:
         raise ValueError(f"replacing h_{layer} by {intervention.replacement!r} needs a "
                          f"{intervention.replacement!r} table layer, got {cama.kind!r}")
-    rows = match_keys(cama.keys, input_ids, positions)
+    rows = match_keys(cama.keys, input_ids, real, positions, groups)
     missing = where & (rows < 0)
     if bool(missing.any()):
-        pairs = torch.stack([positions[missing], input_ids[missing]], -1).unique(dim=0)
+        absent = token_keys(input_ids, real, positions, groups)[missing].unique(dim=0)
         raise KeyError(
-            "CAMA table has no entry for (position, token) "
-            + ", ".join(f"({int(p)}, {int(t)})" for p, t in pairs[:8].tolist())
-            + (" ..." if len(pairs) > 8 else "")
+            "CAMA table has no entry for (position, token, length, group) "
+            + ", ".join(str(tuple(key)) for key in absent[:8].tolist())
+            + (" ..." if len(absent) > 8 else "")
             + ": build the table on a data set that contains these prompts"
         )
     values = cama.means.to(real.device)[rows.clamp(min=0)]
@@ -276,22 +303,24 @@ def apply_rules(sites, rules, replace_layer=None, replacement=None, real=None):
         layer.inputs = (tuple(args), kwargs)
 
 
-def apply_intervention(sites, intervention, cama=None):
+def apply_intervention(sites, intervention, cama=None, groups=None):
     """Inside a trace: apply an :class:`interventions.plan.Intervention` to the traced batch.
 
     Args:
         sites: ``model.sites`` of an :class:`interventions.AF1Model`.
         intervention: per-layer attention rules and an optional residual replacement.
         cama: the :class:`CamaLayer` for ``intervention.replace_layer`` when it needs one.
+        groups: ``(B,)`` group of each traced prompt, only for a table built with groups
+            (several templates); by default the group is 0 and the length is each prompt's own.
     """
     input_ids, real, positions = read_prompt(sites)
     replacement = None
     if intervention.replace_layer is not None:
-        replacement = wait_replacement(intervention, cama, input_ids, real, positions)
+        replacement = wait_replacement(intervention, cama, input_ids, real, positions, groups)
     apply_rules(sites, intervention.rules, intervention.replace_layer, replacement, real)
 
 
-def apply_af1(sites, plan, cama=None):
+def apply_af1(sites, plan, cama=None, groups=None):
     """Inside a trace: apply an AF1 plan to the traced batch.
 
     Layers ``0..l_wait-1`` run unchanged; ``h_{l_wait}`` is replaced at every real non-sink
@@ -303,8 +332,9 @@ def apply_af1(sites, plan, cama=None):
         plan: an :class:`interventions.AF1Plan`.
         cama: ``table.layer(plan.l_wait)`` (``table.position_mean_layer`` for that ablation);
             not needed when ``l_wait == 0`` or the ablation is ``"zero"``/``"none"``.
+        groups: see :func:`apply_intervention` (not needed for a data set of one template).
     """
-    apply_intervention(sites, plan.intervention(sites.n_layers), cama)
+    apply_intervention(sites, plan.intervention(sites.n_layers), cama, groups)
 
 
 def last_token_predictions(sites, answer_ids=None):
@@ -321,16 +351,17 @@ def last_token_predictions(sites, answer_ids=None):
     return pred, answer
 
 
-def accumulate_residuals(sites, layers, keys, sums):
+def accumulate_residuals(sites, layers, keys, sums, groups=None):
     """Inside a clean trace: add each token's ``h_k`` to its key's running sum.
 
     Args:
         layers: ascending residual indices ``k`` in ``0..L`` (``h_L`` is the last layer's output).
-        keys: ``(K, 2)`` int64 table keys; tokens without a key are skipped.
+        keys: ``(K, 4)`` int64 table keys (:data:`KEY_COLUMNS`); tokens without a key are skipped.
         sums: ``(len(layers), K, D)`` float64 accumulator, updated in place (and returned).
+        groups: ``(B,)`` group of each traced prompt, or ``None`` (see :func:`match_keys`).
     """
     input_ids, real, positions = read_prompt(sites)
-    rows = match_keys(keys, input_ids, positions)
+    rows = match_keys(keys, input_ids, real, positions, groups)
     rows = torch.where(real, rows, torch.full_like(rows, -1)).reshape(-1)
     keep = rows >= 0
     rows = rows[keep].to(sums.device)

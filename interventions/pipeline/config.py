@@ -22,6 +22,8 @@ from .experiments import THRESHOLD_RULES
 # How cells are evaluated locally (``--executor``): fast (the default; exact to the reference
 # within float rounding) and the nnsight reference path, which stays the ground truth in tests.
 EXECUTOR_NAMES = ("fast", "nnsight")
+# How a prompt's answer is scored (``--answer``): its first token, or every token (teacher forcing).
+ANSWER_SCORING = ("first", "full")
 
 
 @dataclass
@@ -41,6 +43,7 @@ class JobConfig:
     n_prompts: int | None = 200
     seed: int = 0
     operand_range: tuple[int, int] | None = None
+    answer: str = "first"  # "full": teacher-force every answer token (see pipeline.taskrun)
     out: str | None = None
     batch_size: int = 32
     executor: str = "fast"
@@ -142,6 +145,9 @@ def check_config(cfg: JobConfig) -> None:
                         f"{cfg.executor!r}")
     if (cfg.dry_run or cfg.submit) and not cfg.remote:
         raise UserError("--dry-run and --submit go with --remote")
+    if cfg.answer not in ANSWER_SCORING:
+        raise UserError(f"--answer must be one of {', '.join(ANSWER_SCORING)}, got "
+                        f"{cfg.answer!r}")
     if cfg.remote_backend not in ("remote", "local"):
         raise UserError(f"--remote-backend must be remote or local, got {cfg.remote_backend!r}")
     check_cells_per_request(cfg.cells_per_request)

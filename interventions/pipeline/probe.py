@@ -166,8 +166,12 @@ def partial_result_probe(model, dataset, batch_size: int = 32, seed: int = 0,
     prompts = [dataset[first[p]]["prompt"] for p in pairs]
     a = np.array([p[0] for p in pairs])
     b = np.array([p[1] for p in pairs])
-    before_c = template.split("{C}")[0]
-    before_b = template.split("{B}")[0]
+    from tasks import task_metadata
+
+    # The text put before the template (the BOS, where the data set needed one as its sink).
+    lead = task_metadata(dataset).get("sink", {}).get("prefix", "")
+    before_c = lead + template.split("{C}")[0]
+    before_b = lead + template.split("{B}")[0]
     tok = model.tokenizer
     site = site_offsets(tok, prompts, [before_c.format(A=x, B=y) for x, y in zip(a, b)])
     at_a = site_offsets(tok, prompts, [before_b.split("{A}")[0] + str(x) for x in a])

@@ -43,7 +43,7 @@ def dry_run(job: Job, main_runs, extra_runs, plans, fixed_config) -> str:
             have.update(range(n_layers + 1))
         build = sorted(needed | have) if not needed <= have else []
         have.update(build)
-        tasks.append(PlannedTask(run.label, run.dataset["prompt"], [c.intervention for c in todo],
+        tasks.append(PlannedTask(run.label, run.prompts, [c.intervention for c in todo],
                                  build, clean=first))
     plan = plan_remote_job(job.model, tasks, batch_size=job.cfg.batch_size,
                            cells_per_request=job.cfg.cells_per_request)

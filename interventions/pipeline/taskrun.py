@@ -1,5 +1,11 @@
 """One task's evaluation state: its data set, CAMA table, executor and the full model's
-predictions, each made once, when first needed; and the evaluation of cells into results rows."""
+predictions, each made once, when first needed; and the evaluation of cells into results rows.
+
+Answer scoring (``--answer``): ``first`` scores each prompt's first answer token at its last
+position; ``full`` teacher-forces every answer token (:func:`tasks.expand_answer_prefixes`): the
+expanded prompts are what the executors run and what the CAMA table is built from, and a prompt
+counts as right only when all of its rows are right.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +13,10 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
 from tqdm.auto import tqdm
 
+from ..errors import UserError
 from ..executors.base import Predictions
 from ..executors.fast import FastExecutor
 from ..executors.reference import NnsightExecutor
@@ -16,7 +24,7 @@ from ..mechanisms.cama import CamaTable, cached_cama_table
 from ..mechanisms.plan import as_intervention, table_layers
 from .experiments import Cell
 from .results import cell_key, setting_name, setting_of
-from .scoring import score
+from .scoring import correct_per_prompt, score
 from .stats import proportion_ci
 
 if TYPE_CHECKING:
@@ -25,12 +33,32 @@ if TYPE_CHECKING:
 EXECUTORS = {"fast": FastExecutor, "nnsight": NnsightExecutor}
 
 
+def check_input_ids(tokenizer, prompts, input_ids) -> None:
+    """Refuse a data set whose ``input_ids`` are not what the model's tokenizer (through which
+    every executor encodes) makes of its prompts."""
+    fed = tokenizer(list(prompts))["input_ids"]
+    bad = [i for i, (a, b) in enumerate(zip(fed, input_ids)) if list(a) != list(b)]
+    if bad or len(fed) != len(input_ids):
+        i = bad[0] if bad else min(len(fed), len(input_ids))
+        raise UserError(f"the model's tokenizer does not read the data set's prompts as its "
+                        f"input_ids ({len(bad)} prompts differ, first row {i}); rebuild the data "
+                        f"set with this model's tokenizer")
+
+
 class TaskRun:
     """A task data set with what evaluating it needs, each made once, when first needed:
-    its CAMA table, its executor and the full model's predictions."""
+    its CAMA table, its executor and the full model's predictions.
+
+    Attributes:
+        dataset: the task's prompts (one row per prompt).
+        evaluated: what the executors run: ``dataset`` itself, or with ``--answer full`` one row
+            per answer token (``source_row`` says whose); ``prompts``/``answers`` are its
+            ``prompt`` and ``answer_token_id`` columns and ``fingerprint`` its fingerprint.
+        prompt_of: ``(rows,)`` source prompt of each evaluated row under full scoring, else None.
+    """
 
     def __init__(self, build, job: "Job"):
-        from tasks import task_fingerprint
+        from tasks import expand_answer_prefixes, task_fingerprint
 
         self.build = build
         self.job = job
@@ -38,9 +66,20 @@ class TaskRun:
         self.task = build.task
         self.style = build.style
         self.label = f"{build.task}-{build.style}"
-        self.fingerprint = task_fingerprint(build.dataset)
-        self.answers = build.dataset["answer_token_id"]
-        longest = max(job.model.token_lengths(self.dataset["prompt"]), default=0)
+        self.answer_scoring = job.cfg.answer
+        self.evaluated = self.dataset
+        self.prompt_of = None
+        if self.answer_scoring == "full":
+            try:
+                self.evaluated = expand_answer_prefixes(self.dataset, job.model.tokenizer)
+            except ValueError as err:
+                raise UserError(str(err)) from None
+            self.prompt_of = np.asarray(self.evaluated["source_row"])
+        self.prompts = self.evaluated["prompt"]
+        self.answers = self.evaluated["answer_token_id"]
+        check_input_ids(job.model.tokenizer, self.prompts, self.evaluated["input_ids"])
+        self.fingerprint = task_fingerprint(self.evaluated)
+        longest = max(job.model.token_lengths(self.prompts), default=0)
         self.sink_outside_window = job.model.sink_outside_window(longest)
         if self.sink_outside_window:
             print(f"[af1] warning: {self.label}: {self.sink_outside_window}", flush=True)
@@ -64,7 +103,7 @@ class TaskRun:
             subset = sorted(layers | have)
             runner = self.executor.cama_runner()
         t = time.time()
-        self._table = cached_cama_table(job.model, self.dataset["prompt"], self.fingerprint,
+        self._table = cached_cama_table(job.model, self.prompts, self.fingerprint,
                                         job.cache_root, batch_size=job.cfg.batch_size,
                                         progress=job.cfg.progress, runner=runner, layers=subset)
         job.timings["cama_s"] = job.timings.get("cama_s", 0.0) + time.time() - t
@@ -77,13 +116,13 @@ class TaskRun:
             if job.client is not None:
                 from ..executors.remote.executor import RemoteExecutor
 
-                self._executor = RemoteExecutor(job.model, self.dataset["prompt"], self.answers,
+                self._executor = RemoteExecutor(job.model, self.prompts, self.answers,
                                                 batch_size=job.cfg.batch_size,
                                                 cells_per_request=job.cfg.cells_per_request,
                                                 client=job.client)
             else:
                 self._executor = EXECUTORS[job.cfg.executor](
-                    job.model, self.dataset["prompt"], self.answers,
+                    job.model, self.prompts, self.answers,
                     batch_size=job.cfg.batch_size)
         return self._executor
 
@@ -92,7 +131,7 @@ class TaskRun:
         """The fields every results row of this task starts with: the task and the setting it
         is measured in (part of every row's identity, see :mod:`.results`)."""
         return {"task": self.task, "style": self.style, "dataset_fingerprint": self.fingerprint,
-                **self.job.setting}
+                **self.job.setting, "answer_scoring": self.answer_scoring}
 
     @property
     def setting(self) -> dict:
@@ -123,33 +162,46 @@ class TaskRun:
             from tasks import save_task
 
             self._full = self.executor.clean()
-            target = self.job.out / "data" / self.name
+            target = self.job.out / self.data_dir
             if not target.exists():
                 full_ok = (self._full.pred_ids == self.answers).tolist()
-                save_task(self.dataset.add_column("full_pred_id", self._full.pred_ids.tolist())
+                save_task(self.evaluated.add_column("full_pred_id", self._full.pred_ids.tolist())
                           .add_column("full_correct", full_ok), target)
         return self._full
 
+    @property
+    def data_dir(self) -> str:
+        """Where the evaluated data set is saved, relative to the output directory."""
+        return f"data/{self.name}"
+
     def record(self) -> None:
         """Describe this task (and its CAMA table, if one was used) in the manifest."""
+        from tasks import task_metadata
+
         build = self.build
+        record = task_metadata(self.dataset)
         entry = {
             "summary": build.summary(), "dataset_fingerprint": self.fingerprint,
             "n_prompts": len(self.dataset), "n_candidates": build.n_candidates,
-            "n_dropped_not_single_token": build.n_dropped, "n_sampled_out": build.n_sampled_out,
-            "operand_range": list(build.operand_range), "template": build.template,
-            "data_dir": f"data/{self.name}", "setting": self.setting,
+            "n_dropped": build.n_dropped, "answer_tokens": build.answer_tokens,
+            "n_answer_tokens": record.get("n_answer_tokens"),
+            "answer_scoring": self.answer_scoring, "n_evaluated_rows": len(self.evaluated),
+            "n_sampled_out": build.n_sampled_out, "operand_range": list(build.operand_range),
+            "template": build.template, "sink": record.get("sink"), "data_dir": self.data_dir,
+            "setting": self.setting,
         }
         if self.sink_outside_window:
             entry["sink_outside_window"] = self.sink_outside_window
         if self._full is not None:
-            n_right = int((self._full.pred_ids == self.answers).sum())
-            entry.update(full_accuracy=n_right / len(self.answers), n_full_correct=n_right,
-                         full_accuracy_ci=proportion_ci(n_right, len(self.answers)))
+            full_ok = correct_per_prompt(self._full.correct(np.asarray(self.answers)),
+                                         self.prompt_of)
+            n_right = int(full_ok.sum())
+            entry.update(full_accuracy=n_right / len(full_ok), n_full_correct=n_right,
+                         full_accuracy_ci=proportion_ci(n_right, len(full_ok)))
         if self._table is not None:
             table, path, cached = self._table
             entry.update(cama_table=str(path), cama_table_was_cached=cached,
-                         cama_layers=table.layers)
+                         cama_layers=table.layers, cama_keys=table.statistics)
         self.job.manifest["tasks"][self.name] = entry
         self.job.save_manifest()
 
@@ -165,7 +217,8 @@ class TaskRun:
                    disable=not self.job.cfg.progress)
         started = time.time()
         for cell, preds in self.executor.run_many(items):
-            row = {**self.row_base, **cell.row_fields(), **score(full, preds, self.answers),
+            row = {**self.row_base, **cell.row_fields(),
+                   **score(full, preds, self.answers, self.prompt_of),
                    "executor": self.executor.name,
                    "model_fingerprint": self.job.model.identity.fingerprint,
                    "seconds": round(time.time() - started, 4),

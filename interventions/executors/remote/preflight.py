@@ -24,7 +24,7 @@ from nnsight.schema.request import RequestModel
 from nnsight.tracing.backend import Backend
 
 from ...errors import UserError
-from ...mechanisms.cama import table_keys
+from ...mechanisms.cama import position_mean_keys, table_keys
 from ...mechanisms.plan import AF1Plan, Intervention, as_intervention
 from ...mechanisms.traced import CamaLayer
 from .audit import audit_request
@@ -340,7 +340,7 @@ def plan_remote_job(model, tasks: Sequence[PlannedTask], batch_size: int = 32,
     import rules); CAMA means, which do not exist before the table is built, travel as zeros of
     their shape and the model's dtype. Downloads are the sizes of the tensors the request saves
     plus the result container: ``(len(layers), K, D)`` float32 sums for a CAMA build (``K``:
-    the data set's (position, token) keys), int32 ids and float32 answer logits per prompt and
+    the data set's CAMA keys), int32 ids and float32 answer logits per prompt and
     configuration.
     """
     n_layers = model.n_layers
@@ -354,7 +354,6 @@ def plan_remote_job(model, tasks: Sequence[PlannedTask], batch_size: int = 32,
         n_prompts = len(task.prompts)
         answers = [torch.zeros(len(indices), dtype=torch.long) for indices, _ in encoded]
         keys, _ = table_keys(encodings)
-        position_keys = keys[:, 0].unique()
         clean_pending = task.clean
 
         def add(kind, label, cells, traces, capture, down):
@@ -388,9 +387,7 @@ def plan_remote_job(model, tasks: Sequence[PlannedTask], batch_size: int = 32,
                               answer_logits=((n_prompts,), torch.float32)))
         items = [(None, as_intervention(c, n_layers), None) for c in task.cells]
         placeholders: dict = {}
-        shared_keys = {"cama": keys,
-                       "position_mean": torch.stack([position_keys,
-                                                     torch.full_like(position_keys, -1)], -1)}
+        shared_keys = {"cama": keys, "position_mean": position_mean_keys(keys)[0]}
         done = 0
         for chunk in chunk_cells(items, cells_per_request):
             cells = []
