@@ -10,11 +10,13 @@ the spec requires (see test_independent.py).
 
 Tolerance. From layer 12 on, SmolLM2's residual stream reaches 2.4e4 (about 2e-3 between two
 float32 neighbours), so the worst-case float32 bound of test_independent.py says nothing here.
-Each cell's bound is derived from the reference's own spread in the same run: the largest
-difference between its logits on the padded batch and one prompt at a time (two orders of the
-same arithmetic). The fast path and the nnsight path may each be that far from the exact value,
-and so may the batched reference: ``bound = 4 * spread``, never below one float32 rounding of
-the largest logit.
+Each cell's bound comes from the hooks' own spread in the same run: the largest difference
+between their logits on the padded batch and on the same prompts batched otherwise (one
+unpadded batch per length; one prompt at a time where that is needed), which are the same
+arithmetic in other orders. The fast and nnsight paths may each be that far from the exact
+value, and so may the padded reference: ``bound = 4 * spread``, never below one float32
+rounding of the largest logit. Measured: spreads 4e-5 to 5e-5, and 2.1e-3 at (0, 1) (one
+prompt at a time); the fast path differs by at most 7.4e-5, and 2.5e-3 at (0, 1).
 """
 
 import json
@@ -58,8 +60,8 @@ def test_smollm2_loads_as_a_30_layer_llama_with_digit_tokens(smollm2):
 
 
 class Comparison:
-    """Every cell through the hooks (padded batch and one prompt at a time), the fast executor
-    and the nnsight executor, on the same prompts."""
+    """Every cell through the hooks, the fast executor and the nnsight executor, on the same
+    prompts, with the hooks' own spread across batchings."""
 
     def __init__(self, model):
         tokenizer = model.tokenizer
@@ -82,28 +84,64 @@ class Comparison:
                       (reference.necessity_rules(*NECESSITY),)))
         self.cells = cells
 
-        batch = model.encode(self.prompts)
-        alone = [model.encode([p]) for p in self.prompts]
-        self.clean = reference.af1_logits_with_hooks(model.hf, batch, {})[:, -1]
-        self.hooks, self.bound, self.spread = {}, {}, {}
+        self.hf = model.hf
+        self.alone = [model.encode([p]) for p in self.prompts]
+        batch = model.encode(self.prompts)  # one left-padded batch
+        n_default = len(default)  # the same prompts without padding: one batch per length
+        by_length = [model.encode(self.prompts[:n_default]), model.encode(self.prompts[n_default:])]
+        self.clean = reference.af1_logits_with_hooks(self.hf, batch, {})[:, -1]
+        self.hooks, self.hook_arguments, self.spread = {}, {}, {}
         for tag, _, _, hooks in cells:
-            logits = reference.af1_logits_with_hooks(model.hf, batch, *hooks)[:, -1]
-            spread = float((reference.last_logits_one_by_one(model.hf, alone, *hooks)
-                            - logits).abs().max())
+            logits = reference.af1_logits_with_hooks(self.hf, batch, *hooks)[:, -1]
+            unpadded = torch.cat([reference.af1_logits_with_hooks(self.hf, enc, *hooks)[:, -1]
+                                  for enc in by_length])
             rounding = reference.FLOAT32_UNIT_ROUNDOFF * float(logits.abs().max())
-            self.hooks[tag], self.spread[tag] = logits, spread
-            self.bound[tag] = 4 * max(spread, rounding)
+            self.hooks[tag], self.hook_arguments[tag] = logits, hooks
+            self.spread[tag] = max(rounding, float((unpadded - logits).abs().max()))
+        self.measured_alone = set()
 
         self.fast = FastExecutor(model, self.prompts, self.answers)
         self.fast_predictions = dict(self.fast.run_many([cell[:3] for cell in cells]))
         nnsight = NnsightExecutor(model, self.prompts, self.answers)
         self.nnsight_predictions = dict(nnsight.run_many([cell[:3] for cell in cells]))
 
-    def decided(self, logits, bound):
-        """Prompts whose top two logits are further apart than twice the bound (closer ones
-        are float32 ties: either may win in another evaluation order)."""
+    def bound(self, tag, needed=0.0):
+        """``4 x`` the hooks' largest spread across batchings of the same prompts (never below
+        one float32 rounding of the largest logit). One prompt at a time is the costly batching:
+        it is measured only when the others leave the bound below ``needed``, as it can only
+        raise the bound, so a comparison passes exactly when it would with every batching."""
+        if needed > 4 * self.spread[tag] and tag not in self.measured_alone:
+            alone = reference.last_logits_one_by_one(self.hf, self.alone,
+                                                     *self.hook_arguments[tag])
+            self.spread[tag] = max(self.spread[tag],
+                                   float((alone - self.hooks[tag]).abs().max()))
+            self.measured_alone.add(tag)
+        return 4 * self.spread[tag]
+
+    def check(self, tag, got, what):
+        """``got`` (last-position logits ``(N, V)``, or Predictions) equals the hooks: logits
+        within the bound, and the same predictions except where the hooks' top two are within
+        twice the bound (float32 ties: either may win in another evaluation order)."""
+        want = self.hooks[tag]
+        if isinstance(got, torch.Tensor):
+            diff, pred = float((got - want).abs().max()), got.argmax(-1).numpy()
+        else:
+            answers = torch.tensor(self.answers)[:, None]
+            want_answer = want.gather(-1, answers)[:, 0].numpy()
+            diff, pred = float(np.abs(got.answer_logits - want_answer).max()), got.pred_ids
+        gap = self.top_gap(want)
+        wrong = pred != want.argmax(-1).numpy()
+        bound = self.bound(tag, max([diff] + list(gap[wrong] / 2)))
+        assert diff <= bound, f"{tag} ({what}): |logit difference| {diff:.2e} > {bound:.2e}"
+        assert np.all(gap[wrong] <= 2 * bound), f"{tag} ({what}): predictions differ"
+        assert np.sum(gap <= 2 * bound) <= 1, f"{tag}: too many ties to compare predictions"
+        return diff
+
+    @staticmethod
+    def top_gap(logits):
+        """``(N,)`` numpy: the distance between each prompt's two largest logits."""
         top2 = logits.topk(2, -1).values
-        return (top2[:, 0] - top2[:, 1] > 2 * bound).numpy()
+        return (top2[:, 0] - top2[:, 1]).numpy()
 
 
 @pytest.fixture(scope="module")
@@ -113,22 +151,12 @@ def comparison(smollm2):
 
 def test_af1_cells_equal_the_hook_implementation_prompt_by_prompt(comparison):
     c = comparison
-    answers = torch.tensor(c.answers)[:, None]
     for tag, plan, cama, _ in c.cells:
-        want, bound = c.hooks[tag], c.bound[tag]
-        assert float((want - c.clean).abs().max()) > 10 * bound, f"{tag}: no effect to check"
-        decided = c.decided(want, bound)
-        assert decided.sum() >= len(decided) - 1, f"{tag}: too many ties to compare"
-        want_pred = want.argmax(-1).numpy()
-        want_answer = want.gather(-1, answers)[:, 0].numpy()
-
-        got = c.fast.last_logits(plan, cama)
-        assert float((got - want).abs().max()) <= bound, (tag, "fast", bound)
-        for name, predictions in (("fast", c.fast_predictions[tag]),
-                                  ("nnsight", c.nnsight_predictions[tag])):
-            assert np.array_equal(predictions.pred_ids[decided], want_pred[decided]), (tag, name)
-            diff = np.abs(predictions.answer_logits - want_answer).max()
-            assert diff <= bound, (tag, name, float(diff), bound)
+        c.check(tag, c.fast.last_logits(plan, cama), "fast, every logit")
+        c.check(tag, c.fast_predictions[tag], "fast")
+        c.check(tag, c.nnsight_predictions[tag], "nnsight")
+        effect = float((c.hooks[tag] - c.clean).abs().max())
+        assert effect > 10 * c.bound(tag), f"{tag}: no effect to check"
 
 
 def test_run_on_a_small_grid_writes_everything_and_scores_as_the_hooks_do(comparison, tmp_path,
@@ -155,9 +183,11 @@ def test_run_on_a_small_grid_writes_everything_and_scores_as_the_hooks_do(compar
         tag = repr(AF1Plan(w, t))
         af1 = c.hooks[tag][rows_of]
         af1_ok = af1.argmax(-1).numpy() == answers
-        # A prompt whose top two logits tie within the bound may count either way.
-        ties = int((~c.decided(af1, c.bound[tag]) | ~c.decided(c.clean[rows_of],
-                                                             c.bound[tag])).sum())
+        # A prompt whose top two logits tie within the bound may count either way (none does
+        # here: their top two are at least 0.016 apart, the bound about 2e-4).
+        bound = c.bound(tag)
+        ties = int(((c.top_gap(af1) <= 2 * bound)
+                    | (c.top_gap(c.clean[rows_of]) <= 2 * bound)).sum())
         row = rows[(w, t)]
         assert abs(row["n_full_correct"] - int(full_ok.sum())) <= ties, (w, t)
         assert abs(row["n_af1_correct_of_full"] - int((full_ok & af1_ok).sum())) <= ties, (w, t)
