@@ -208,3 +208,73 @@ def af1_logits_with_hooks(hf, encoding, rules, replace_layer=None, cama=None):
     finally:
         for handle in handles:
             handle.remove()
+
+
+# -- comparing executors with this implementation ------------------------------------------
+
+FLOAT32_UNIT_ROUNDOFF = 2.0 ** -24
+
+
+def hook_arguments(n_layers, l_wait, l_transfer, tables, sink=True, wait_ablation="cama",
+                   transfer_peek="last"):
+    """``(rules, replace_layer, means)`` for :func:`af1_logits_with_hooks` from the spec's
+    words for an AF1 configuration and its alternatives.
+
+    ``tables`` maps ``"cama"``, ``"position_mean"`` and ``"zero"`` to what replaces
+    ``h_{l_wait}`` (brute-force means, or :func:`zero_means`); ``"none"`` replaces nothing, and
+    neither does ``l_wait = 0`` (the identity).
+    """
+    rules = af1_rules(n_layers, l_wait, l_transfer, sink=sink, all_peek=transfer_peek == "all")
+    if l_wait == 0 or wait_ablation == "none":
+        return rules, None, None
+    return rules, l_wait, tables[wait_ablation]
+
+
+def necessity_rules(start, window):
+    """The spec's necessity experiment: in layers ``start .. start+window-1`` the last token
+    reads only the sink and itself; every other query keeps its causal attention."""
+    return {k: ("sink_self", "all") for k in range(start, start + window)}
+
+
+def zero_means(hidden_size):
+    """A stand-in for a table that replaces every position by zeros (zero ablation)."""
+    return defaultdict(lambda: np.zeros(hidden_size))
+
+
+def last_logits_one_by_one(hf, encodings, rules, replace_layer=None, cama=None):
+    """``(N, V)`` last-position logits with each prompt in its own forward pass
+    (``encodings``: one unpadded encoding per prompt)."""
+    return torch.cat([af1_logits_with_hooks(hf, enc, rules, replace_layer, cama)[:, -1]
+                      for enc in encodings])
+
+
+def keys_at_several_lengths(tokenizer, prompts):
+    """Non-sink ``(position, token)`` pairs that occur in prompts of more than one token length.
+
+    Where there are none, a table keyed by ``(position, token)`` and one keyed by
+    ``(length, position, token)`` (the spec's grouping by token length) hold the same means for
+    every position that is replaced (the sink never is).
+    """
+    lengths = defaultdict(set)
+    for prompt in prompts:
+        ids = tokenizer(prompt)["input_ids"]
+        for t, tok in enumerate(ids[1:], start=1):
+            lengths[(t, tok)].add(len(ids))
+    return sorted(key for key, seen in lengths.items() if len(seen) > 1)
+
+
+def float32_rounding_bound(hf, magnitude, length):
+    """How far two float32 evaluations of the same forward pass, in different orders, may
+    differ in any output of size at most ``magnitude``: ``(L + 1) * n * u * magnitude``.
+
+    A reduction of ``n`` terms rounds to within ``n * u`` of the sum of its terms' magnitudes
+    (u = 2^-24; Higham's gamma_n), every value is at most ``magnitude``, and each of the ``L``
+    layers and the head adds one such error; ``n`` is the longest reduction, the widest weight
+    matrix of a layer or the sequence ``length``. It lets every rounding err the same way but
+    ignores amplification through the layers; on the tiny test models (about 1e-4) the measured
+    differences are about 1% of it. Where the residual stream is large (SmolLM2 reaches 2.4e4)
+    it says nothing useful: compare with the reference's own spread measured in the same run.
+    """
+    widest = max(max(p.shape) for p in decoder_layers(hf).parameters() if p.dim() == 2)
+    n_layers = len(decoder_layers(hf))
+    return (n_layers + 1) * max(widest, length) * FLOAT32_UNIT_ROUNDOFF * magnitude
