@@ -8,12 +8,9 @@ tiny models of every architecture, eager and sdpa.
 * Necessity and the alternatives one prompt at a time, through both executors.
 
 CAMA. The executors get their means from the project's table, the hooks from the reference's
-brute force. The spec keys CAMA by (position, token) within groups of prompts of one template
-and token length; today's table keys by (position, token) over the whole data set (issue 8
-re-keys it). The prompts below are chosen so that every non-sink (position, token) occurs at a
-single token length, where both keyings give the same means; so the comparison holds before
-and after the re-keying. (The position-only mean averages a position over every prompt in both
-implementations; the spec does not group it.)
+brute force; both key a mean by (position, token) within the prompts of one token length. The
+prompts below are also chosen so that every non-sink (position, token) occurs at a single token
+length, so that the comparison would not depend on how lengths are keyed.
 
 Tolerance. Both sides compute the same float32 arithmetic in different orders, so they may
 differ by rounding only: ``reference.float32_rounding_bound`` (worst-case accumulation, about
@@ -93,14 +90,18 @@ def setup(request):
     return Setup(*request.param)
 
 
-def assert_same(got, want, bound, what, answers=None):
+def assert_same(got, want, bound, what, answers=None, each_decided=True):
     """``got`` (logits ``(N, V)``, or Predictions with ``answers``) equals the reference
     logits ``want`` ``(N, V)``: logits within ``bound`` and the same predictions wherever the
     reference's top two are further apart than twice the bound (closer ones are float32 ties).
-    Returns the largest difference."""
+    Returns the largest difference and the number of prompts whose predictions were compared
+    (``each_decided=False``: the caller checks that most were)."""
     top2 = want.topk(2, -1).values
     decided = (top2[:, 0] - top2[:, 1] > 2 * bound).numpy()
-    assert decided.sum() >= len(decided) - 1, f"{what}: too many ties to compare predictions"
+    # Random tiny models under heavy ablation (zero waits, short sliding windows) can tie on a
+    # few prompts; most must be decided so that predictions are really compared.
+    assert not each_decided or 2 * decided.sum() >= len(decided), \
+        f"{what}: too many ties to compare predictions"
     if answers is None:
         diff = float((got - want).abs().max())
         pred = got.argmax(-1).numpy()
@@ -110,7 +111,7 @@ def assert_same(got, want, bound, what, answers=None):
         pred = got.pred_ids
     assert diff <= bound, f"{what}: |logit difference| {diff:.2e} > bound {bound:.2e}"
     assert np.array_equal(pred[decided], want.argmax(-1).numpy()[decided]), what
-    return diff
+    return diff, int(decided.sum())
 
 
 def af1_cells(setup, plans):
@@ -144,7 +145,7 @@ def test_fast_executor_equals_hooks_on_padded_batches(setup):
         want = setup.hook_logits(PROMPTS, hooks)
         bound = setup.bound(want)
         assert float((want - clean).abs().max()) > 10 * bound, f"{tag}: no effect to check"
-        worst = max(worst, assert_same(fast.last_logits(plan, cama), want, bound, tag))
+        worst = max(worst, assert_same(fast.last_logits(plan, cama), want, bound, tag)[0])
         assert_same(shared[tag], want, bound, f"{tag} (run_many)", setup.answers)
     assert worst > 0  # the two implementations are independent, not bit-identical
 
@@ -155,6 +156,7 @@ def test_necessity_and_alternatives_one_prompt_at_a_time(setup):
     cells = necessity(setup, windows=(1, 2))
     cells += af1_cells(setup, [c.intervention for c in alternative_cells(AF1Plan(1, 2))])
     assert len(cells) == 4 + 3 + 6
+    decided = compared = 0
     for i in (0, 3):  # lengths 4 and 15
         prompt, answer = PROMPTS[i], setup.answers[i]
         nnsight = NnsightExecutor(setup.model, [prompt], [answer])
@@ -164,8 +166,13 @@ def test_necessity_and_alternatives_one_prompt_at_a_time(setup):
             want = setup.hook_logits([prompt], hooks)
             bound = setup.bound(want)
             what = f"{tag} on {prompt!r}"
-            assert_same(nnsight.run(plan, cama), want, bound, f"{what} (nnsight)", [answer])
-            assert_same(fast_results[tag], want, bound, f"{what} (fast)", [answer])
+            decided += assert_same(nnsight.run(plan, cama), want, bound, f"{what} (nnsight)",
+                                   [answer], each_decided=False)[1]
+            assert_same(fast_results[tag], want, bound, f"{what} (fast)", [answer],
+                        each_decided=False)
+            compared += 1
+    # One prompt may be a float32 tie under heavy ablation; most comparisons must be decided.
+    assert 2 * decided >= compared
 
 
 # Several invokes in one trace; the entry of each invoke is the plan it runs (None: clean).
@@ -216,7 +223,10 @@ def test_af1_in_a_later_invoke_equals_hooks_and_leaves_the_others_clean(setup, b
         else:
             want = setup.hook_logits(prompts, setup.hooks(plan))
         assert_same(got, want, setup.bound(want), f"{prompts} under {plan}")
-    if batch == "same length" and model.sites.attn_implementation == "sdpa":
+    # Sliding-window layers always get a mask from the model, so only models without them
+    # reach the whole-batch branch.
+    if (batch == "same length" and model.sites.attn_implementation == "sdpa"
+            and not any(model.sites.windows)):
         first = plans.index(next(p for p in plans if p is not None))
         starts = {rows[0] for rows in offsets if rows is not None}
         assert min(starts) == sum(len(g) for g in groups[:first]) > 0
