@@ -51,6 +51,9 @@ class JobConfig:
     remote: bool = False
     remote_backend: str = "remote"  # "local": the remote path run here (offline test)
     cells_per_request: int = 32
+    max_request_mb: float = 16.0  # request byte budget (serialized, before compression)
+    remote_timeout: str = "24h"  # overall client time-out of a remote job
+    allow_version_drift: bool = False  # client and NDIF transformers major.minor may differ
     dry_run: bool = False
     submit: bool = False
     progress: bool = True
@@ -140,67 +143,15 @@ def check_config(cfg: JobConfig) -> None:
     if cfg.remote_backend not in ("remote", "local"):
         raise UserError(f"--remote-backend must be remote or local, got {cfg.remote_backend!r}")
     check_cells_per_request(cfg.cells_per_request)
+    if not cfg.max_request_mb > 0:
+        raise UserError(f"--max-request-mb must be > 0, got {cfg.max_request_mb}")
+    parse_duration(cfg.remote_timeout, "remote-timeout")
 
 
-def parse_layer_values(spec: str, name: str) -> list[int]:
-    """``"5"``, ``"0-29"`` (inclusive), ``"1,2,4"`` or mixes like ``"0-3,8"`` -> sorted values."""
-    values: set[int] = set()
-    for part in str(spec).replace(" ", "").split(","):
-        match = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
-        if not match:
-            if re.fullmatch(r"-\d+.*", part):
-                raise UserError(f"--{name} values must be >= 0, got {spec!r}")
-            raise UserError(f"--{name} takes a value, a range a-b or a list a,b,c; got {spec!r}")
-        lo = int(match.group(1))
-        hi = int(match.group(2)) if match.group(2) is not None else lo
-        if hi < lo:
-            raise UserError(f"--{name} range {part!r} is empty (end before start)")
-        values.update(range(lo, hi + 1))
-    return sorted(values)
-
-
-def grid_plans(l_waits: list[int], l_transfers: list[int], n_layers: int) -> list[AF1Plan]:
-    """Every fitting (L_wait, L_transfer) pair; a value that fits with none of the others is an
-    error (``L_wait + L_transfer > L``)."""
-    fits = [(w, t) for w in l_waits for t in l_transfers if w + t <= n_layers and w < n_layers]
-    bad_waits = sorted(set(l_waits) - {w for w, _ in fits})
-    bad_transfers = sorted(set(l_transfers) - {t for _, t in fits})
-    if bad_waits or bad_transfers:
-        what = (f"L_wait {bad_waits}" if bad_waits else f"L_transfer {bad_transfers}")
-        raise UserError(f"{what} cannot fit: L_wait + L_transfer must be <= the model's "
-                        f"{n_layers} layers (L_wait {min(l_waits)}..{max(l_waits)}, "
-                        f"L_transfer {min(l_transfers)}..{max(l_transfers)} requested)")
-    return [AF1Plan(w, t) for w, t in fits]
-
-
-def parse_af1_config(spec: str | None, n_layers: int) -> AF1Plan | None:
-    if spec is None:
-        return None
-    match = re.fullmatch(r"\s*(\d+)\s*,\s*(\d+)\s*", spec)
-    if not match:
-        raise UserError(f"--af1-config takes L_WAIT,L_TRANSFER (e.g. 20,4), got {spec!r}")
-    return grid_plans([int(match.group(1))], [int(match.group(2))], n_layers)[0]
-
-
-def default_out(model_spec: str) -> Path:
-    """``runs/<model>``: a local path's folder name, or the Hub id with ``/`` as ``--``."""
-    path = Path(model_spec).expanduser()
-    name = path.resolve().name if path.exists() else model_spec.replace("/", "--")
-    return Path("runs") / (re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.") or "model")
-
-
-def check_out_writable(out: Path) -> None:
-    """Fail early, before any work, if ``out`` cannot become a writable directory."""
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {str(out)!r} exists and is not a directory")
-    probe_dir = out
-    while not probe_dir.exists():
-        probe_dir = probe_dir.parent
-    if not probe_dir.is_dir():
-        raise UserError(f"--out {str(out)!r} is not writable: {str(probe_dir)!r} is a file")
-    try:
-        fd, name = tempfile.mkstemp(prefix=".af1-probe-", dir=probe_dir)
-        os.close(fd)
-        os.unlink(name)
-    except OSError as err:
-        raise UserError(f"--out {str(out)!r} is not writable ({err.strerror})") from None
+def parse_duration(spec: str, name: str) -> float:
+    """``"90"`` or ``"90s"``, ``"15m"``, ``"24h"`` -> seconds (> 0)."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d*)?)\s*([smh]?)\s*", str(spec))
+    if not match or float(match.group(1)) <= 0:
+        raise UserError(f"--{name} takes a positive duration such as 90s, 15m or 24h, got "
+                        f"{spec!r}")
+    return float(match.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[match.group(2)]
