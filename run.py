@@ -74,7 +74,18 @@ def build_parser() -> argparse.ArgumentParser:
                         help="configurations per NDIF request (default 32)")
     remote.add_argument("--remote-backend", default="remote", choices=["remote", "local"],
                         help="local: run the remote path here against local weights, "
-                             "serialized exactly as for NDIF (the offline test)")
+                             "serialized exactly as for NDIF and executed by NDIF's own server "
+                             "code (the offline test)")
+    remote.add_argument("--max-request-mb", type=float, default=16.0,
+                        help="largest request to send, serialized, before compression "
+                             "(default 16); larger ones are split in halves, as are requests "
+                             "NDIF refuses as too large (HTTP 413)")
+    remote.add_argument("--remote-timeout", default="24h",
+                        help="give up waiting on NDIF after this long in all (e.g. 90m, 24h; "
+                             "default 24h); rerunning resumes")
+    remote.add_argument("--allow-version-drift", action="store_true",
+                        help="run even though NDIF's transformers has another major.minor "
+                             "than this client's (the self-check on arrival still runs)")
 
     data = parser.add_argument_group("tasks")
     data.add_argument("--tasks", default="A+B",
@@ -161,14 +172,16 @@ def main(argv: list[str] | None = None) -> int:
             revision=args.revision, cama_table=args.cama_table, cache_dir=args.cache_dir,
             remote=args.remote, remote_backend=args.remote_backend, dry_run=args.dry_run,
             submit=args.submit, cells_per_request=args.cells_per_request,
+            max_request_mb=args.max_request_mb, remote_timeout=args.remote_timeout,
+            allow_version_drift=args.allow_version_drift,
             progress=not args.no_progress, argv=sys.argv if argv is None else ["run.py", *argv])
         out = run_job(cfg)
     except (UserError, PlanError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted: finished cells are kept in results.jsonl; rerun to resume",
-              file=sys.stderr)
+        print("interrupted: finished cells are kept in results.jsonl (and finished NDIF "
+              "requests in remote/ beside it); rerun to resume", file=sys.stderr)
         return 130
     if not args.dry_run:
         print(f"[af1] results in {out}/ (results.jsonl, manifest.json, data/, figures/)")

@@ -2,10 +2,11 @@
 
 AF1 needs a few things nnsight does not export: the batch bookkeeping of the running invoke
 (for per-invoke masks), the request plumbing of its remote backend (to send an already
-serialized request and keep the raw result bytes), and, for the offline stand-in server, the
-save set, trace depth and source caches that an NDIF worker manages. Every such name is used
-here and nowhere else, so an nnsight upgrade has one file to re-check. Importing this module
-checks that the installed nnsight is the pinned one.
+serialized request and keep the raw result bytes), and, for the offline server, nnsight's
+source caches (a server process starts with them empty) and, where NDIF's own package is not
+installed, the save set and trace depth its worker manages. Every such name is used here and
+nowhere else (``tests/test_remote_server.py`` checks it), so an nnsight upgrade has one file to
+re-check. Importing this module checks that the installed nnsight is the pinned one.
 
 Functions that run *inside* a trace (:func:`current_batch_group`) are shipped by value with
 remote requests, so they use only their arguments.
@@ -17,6 +18,7 @@ import contextlib
 import importlib.abc
 import importlib.metadata
 import linecache
+import os
 import sys
 
 import nnsight
@@ -45,8 +47,9 @@ from nnsight.intervention.backends.remote import RemoteBackend, RemoteError  # n
 from nnsight.schema.request import RequestModel  # noqa: E402
 
 __all__ = ["PINNED_NNSIGHT", "RemoteError", "RequestModel", "BlobBackend", "check_nnsight_version",
-           "current_batch_group", "execute_traced", "hide_project_modules", "isolated_source_cache",
-           "persistent_objects", "prepare_env", "request_env", "return_saves", "wrapped_module"]
+           "current_batch_group", "execute_traced", "forget_sources", "hide_project_modules",
+           "isolated_source_cache", "persistent_objects", "prepare_env", "request_env",
+           "return_saves", "wrapped_module"]
 
 
 # -- inside a trace (shipped by value) ------------------------------------------------------
@@ -56,17 +59,21 @@ def current_batch_group(interleaver):
     """``(start, total)`` rows of the running invoke when several invokes share the forward,
     else ``None``.
 
-    Reached through the interleaver rather than imported, so a request names no nnsight module
-    beyond what the server resolves anyway.
+    Read from the running mediators only (no ``interleaver.batcher``: NDIF's sandbox runner
+    interleaves without one). The mediator class is reached through ``interleaver`` rather
+    than imported, so a request names no nnsight module beyond what the server resolves anyway.
     """
-    batcher = getattr(interleaver, "batcher", None)
-    if batcher is None or not batcher.batching:
+    mediators = interleaver.mediators
+    if not mediators:
         return None
-    mediator_class = type(interleaver.mediators[0])
-    group = mediator_class.current("the attention mask").batch_group
+    mediator = type(mediators[0]).current("the attention mask")
+    group = mediator.batch_group
     if group is None:
         return None
-    return group[0], batcher.total
+    groups = [m.batch_group for m in mediator.interleaver.mediators if m.batch_group is not None]
+    if len(groups) < 2:
+        return None
+    return group[0], max(start + size for start, size in groups)
 
 
 # -- models ----------------------------------------------------------------------------------
@@ -132,13 +139,22 @@ class BlobBackend(RemoteBackend):
         return super().finalize(content)
 
 
-# -- the stand-in server ---------------------------------------------------------------------
+# -- the server side of a request (NDIF's code, or the stand-in) ------------------------------
 
 
 def _installed(path: str | None) -> bool:
-    """Whether a module file belongs to an installed package (or is built in)."""
-    return path is None or "site-packages" in path or "dist-packages" in path or \
-        path.startswith(sys.base_prefix)
+    """Whether a module file belongs to an installed package (or is built in, or synthetic:
+    ``torch.ops`` names a relative ``_ops.py``)."""
+    return path is None or not os.path.isabs(path) or "site-packages" in path or \
+        "dist-packages" in path or path.startswith(sys.base_prefix)
+
+
+# Never hidden: the entry point, and NDIF's own package (the server itself, wherever installed).
+_SERVER_SIDE = {"__main__", "__mp_main__", "ndif"}
+# Imported afresh for the server: a server process has its own cloudpickle, whose record of the
+# classes it rebuilt by value is its own. Shared, the server would rebuild the client's classes
+# in place (cloudpickle resets a known class's methods to the rebuilt ones).
+_SERVER_OWN = {"cloudpickle"}
 
 
 class _Refuse(importlib.abc.MetaPathFinder):
@@ -154,32 +170,45 @@ class _Refuse(importlib.abc.MetaPathFinder):
 
 
 @contextlib.contextmanager
-def hide_project_modules(lm):
-    """Make modules that are not installed packages unimportable, as on a server (nnsight's
-    ``remote="local"`` rule): code not shipped by value then fails here as it would there.
-
-    An editable install would import hidden project code again through its own finder, so what
-    was hidden from outside the installed packages is refused outright.
+def hide_project_modules():
+    """Make every module that is not an installed package unimportable, as on a server
+    (nnsight's ``remote="local"`` rule): code not shipped by value then fails here as it would
+    there. Such modules leave ``sys.modules`` and are refused outright (an editable install
+    would otherwise import them again through its own finder); cloudpickle is imported afresh;
+    all come back on exit.
     """
-    from nnsight.intervention.backends.local import LocalSimulationBackend
-
-    hider = LocalSimulationBackend(lm)
-    hidden = hider._hide_local_modules()
-    refuse = _Refuse({name.split(".")[0] for name, module in hidden["modules"].items()
-                      if not _installed(getattr(module, "__file__", None))})
+    roots = {name.split(".")[0] for name, module in list(sys.modules.items())
+             if not _installed(getattr(module, "__file__", None))} - _SERVER_SIDE
+    hidden = {name: sys.modules.pop(name) for name in list(sys.modules)
+              if name.split(".")[0] in roots | _SERVER_OWN}
+    refuse = _Refuse(roots)
     sys.meta_path.insert(0, refuse)
     try:
         yield
     finally:
         sys.meta_path.remove(refuse)
-        hider._restore(hidden)
+        sys.modules.update(hidden)
+
+
+def forget_sources() -> None:
+    """Empty nnsight's source caches, as in a server process that has read no client file.
+
+    In-process, the client's own capture has cached its real files there; a server looks its
+    nested traces up in the shipped (re-formatted) source instead. Call it only inside a scope
+    that restores the caches afterwards (NDIF's ``block_scope`` or :func:`isolated_source_cache`),
+    or the client's next capture would read the shipped text.
+    """
+    from nnsight.tracing.globals import BLOCKS, SOURCES
+
+    SOURCES.clear()
+    BLOCKS.clear()
 
 
 @contextlib.contextmanager
 def isolated_source_cache():
-    """Confine nnsight's source caches to one request, as NDIF's worker does: deserializing
-    registers the block's source under the client's filename, and nested traces memoize what
-    they parse, so a later request from the same file would otherwise read this one's source."""
+    """The stand-in for NDIF's ``block_scope``: confine nnsight's source caches (and
+    ``linecache``) to one request. Deserializing registers the block's source under the
+    client's filename, and nested traces memoize what they parse."""
     from nnsight.tracing.globals import BLOCKS, SOURCES
 
     snapshot = dict(linecache.cache), dict(SOURCES), dict(BLOCKS)
@@ -191,26 +220,15 @@ def isolated_source_cache():
             cache.update(state)
 
 
-def forget_client_source(filename: str) -> None:
-    """A server has never read the client's file: nested traces must be found in the shipped
-    (re-formatted) source, not in this process's reading of ``filename``."""
-    from nnsight.tracing.globals import BLOCKS, SOURCES
-
-    SOURCES.pop(filename, None)
-    for key in [k for k in BLOCKS if k[0] == filename]:
-        del BLOCKS[key]
-
-
 def execute_traced(tracer) -> dict:
-    """Run a deserialized request's block and return the values it saved (by name)."""
-    import torch
+    """The stand-in for NDIF's ``execute_traced_block``: run a deserialized request's block and
+    return the values it saved (by name)."""
     from nnsight.tracing.tracer import _saves, dec, inc
 
     frame = tracer.info.frame
     inc()
     try:
-        with torch.no_grad():
-            tracer.execute(tracer.info.code)
+        tracer.execute(tracer.info.code)
         saved = _saves()
         return {name: value for name, value in frame.f_locals.items() if id(value) in saved}
     finally:

@@ -1,7 +1,9 @@
 """run.py --remote end to end, offline: the remote path (requests serialized exactly as for NDIF,
-run by the in-process stand-in server) against the local path, --dry-run and --submit."""
+run in this process by NDIF's own request execution) against the local path, the self-check on
+arrival in the manifest and as an error, --dry-run (also with NDIF unreachable) and --submit."""
 
 import json
+import re
 
 import pytest
 
@@ -47,11 +49,16 @@ def test_remote_path_equals_local_path_for_every_experiment_on_the_main_task(
         assert remote[key]["faithfulness"] == local[key]["faithfulness"]
     manifest = json.loads((tmp_path / "remote" / "manifest.json").read_text())
     stats = manifest["remote"]
-    # sweep 7 cells -> 1 request, necessity 10 -> 2, alternatives 6 -> 1, plus the CAMA build
-    # (which also carries the full model's predictions).
-    assert stats["n_requests"] == 5
+    # the self-check, then sweep 7 cells -> 1 request, necessity 10 -> 2, alternatives 6 -> 1,
+    # plus the CAMA build (which also carries the full model's predictions).
+    assert stats["n_requests"] == 6
     assert stats["bytes_up"] > 0 and stats["bytes_down"] > 0
-    assert {r["kind"] for r in stats["requests"]} == {"cama", "cells"}
+    assert [r["kind"] for r in stats["requests"]][:2] == ["selfcheck", "cama"]
+    assert {r["kind"] for r in stats["requests"]} == {"selfcheck", "cama", "cells"}
+    check = stats["self_check"]
+    assert check["passed"] is True and len(check["compared"]) == 5
+    assert {c["check"]: c["passed"] for c in check["compared"]} == dict.fromkeys(
+        ["all_allowed", "sink_self", "before_write", "write_error", "write_change"], True)
 
 
 def test_dry_run_plans_the_requests_the_run_sends_and_writes_nothing(tiny_dir, tmp_path,
@@ -68,8 +75,35 @@ def test_dry_run_plans_the_requests_the_run_sends_and_writes_nothing(tiny_dir, t
     planned = int(total.split()[1])
     assert cli(capsys, *args, "--out", out)[0] == 0
     sent = json.loads((out / "manifest.json").read_text())["remote"]["n_requests"]
-    # 1 CAMA build + ceil(7/4) sweep + ceil(6/4) alternatives requests
-    assert planned == sent == 1 + 2 + 2
+    # the self-check + 1 CAMA build + ceil(7/4) sweep + ceil(6/4) alternatives requests
+    assert planned == sent == 1 + 1 + 2 + 2
+    assert ("preflight: not needed (--remote-backend local: the server is this process)"
+            in text.splitlines())
+
+
+def planned_uploads(text):
+    """Bytes up of each request row of a dry run's table (printed as ``56.9 kB``)."""
+    unit = {"B": 1, "kB": 1e3, "MB": 1e6}
+    rows = [re.search(r"([\d.]+) (B|kB|MB)\s+[\d.]+ (?:B|kB|MB)\s*$", line)
+            for line in text.splitlines() if re.match(r"\s+\d+\s", line)]
+    return [float(m.group(1)) * unit[m.group(2)] for m in rows]
+
+
+def test_a_dry_run_splits_requests_over_the_byte_budget_as_the_run_does(tiny_dir, tmp_path,
+                                                                         capsys):
+    args = ["--model", tiny_dir, *GRID, "--remote", "--remote-backend", "local",
+            "--cells-per-request", "8", "--cache-dir", tmp_path / "cache", "--out", tmp_path / "o"]
+    whole = planned_uploads(cli(capsys, *args, "--dry-run")[1])
+    assert len(whole) == 3  # the self-check, the CAMA build, 7 cells in one request
+    budget = (max(whole) - 1000) / 1e6  # the largest request no longer fits (print rounding)
+    code, text, err = cli(capsys, *args, "--dry-run", "--max-request-mb", budget)
+    assert code == 0, err
+    split = planned_uploads(text)
+    assert len(split) == 4 and max(split) < max(whole) - 1000
+    assert cli(capsys, *args, "--max-request-mb", budget)[0] == 0
+    stats = json.loads((tmp_path / "o" / "manifest.json").read_text())["remote"]
+    assert stats["n_requests"] == 4 and stats["max_request_bytes"] == int(budget * 1e6)
+    assert [r["cells"] for r in stats["requests"] if r["kind"] == "cells"] == [4, 3]
 
 
 def test_submit_then_rerun_collects_into_the_same_results(tiny_dir, tmp_path, capsys):
@@ -87,3 +121,39 @@ def test_submit_then_rerun_collects_into_the_same_results(tiny_dir, tmp_path, ca
 def test_remote_flags_without_remote_are_refused(tiny_dir, tmp_path, capsys):
     code, _, err = cli(capsys, "--model", tiny_dir, "--dry-run", "--out", tmp_path / "o")
     assert code == 2 and "go with --remote" in err
+
+
+def test_a_dry_run_works_with_ndif_unreachable_and_a_real_run_does_not(tiny_dir, tmp_path,
+                                                                       capsys, monkeypatch):
+    from nnsight.schema.config import CONFIG
+
+    monkeypatch.setattr(CONFIG.API, "APIKEY", "key-123")
+    monkeypatch.setattr(CONFIG.API, "HOST", "http://127.0.0.1:9")  # nothing listens there
+    args = ["--model", tiny_dir, *GRID, "--remote", "--out", tmp_path / "o"]
+    code, text, err = cli(capsys, *args, "--dry-run")
+    assert code == 0, err
+    assert any(line.startswith("preflight: not checked: NDIF unreachable at http://127.0.0.1:9")
+               for line in text.splitlines())
+    assert "nothing was sent" in text and not (tmp_path / "o").exists()
+    code, _, err = cli(capsys, *args)
+    assert code == 2 and err.startswith("error: cannot reach NDIF at http://127.0.0.1:9")
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_failed_self_check_stops_the_job_with_one_line_and_is_recorded(tiny_dir, tmp_path,
+                                                                         capsys, monkeypatch):
+    """A mask slot the layers do not read: the self-check catches it before any cell."""
+    from interventions.mechanisms.adapters import ArchAdapter
+
+    monkeypatch.setattr(ArchAdapter, "mask_slot", lambda self, module: (None, "not_the_mask"))
+    code, _, err = cli(capsys, "--model", tiny_dir, *GRID, "--remote", "--remote-backend",
+                       "local", "--out", tmp_path / "o")
+    assert code == 2
+    (line,) = err.strip().splitlines()
+    assert line.startswith("error: the remote self-check failed: ")
+    assert "likely cause: the attention-mask slot resolved on the client (argument None or " \
+           "keyword 'not_the_mask')" in line
+    check = json.loads((tmp_path / "o" / "manifest.json").read_text())["remote"]["self_check"]
+    assert check["passed"] is False and check["mask_slot"] == {"index": None,
+                                                               "name": "not_the_mask"}
+    assert not (tmp_path / "o" / "results.jsonl").exists()  # no cell was evaluated

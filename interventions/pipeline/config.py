@@ -56,6 +56,9 @@ class JobConfig:
     remote: bool = False
     remote_backend: str = "remote"  # "local": the remote path run here (offline test)
     cells_per_request: int = 32
+    max_request_mb: float = 16.0  # request byte budget (serialized, before compression)
+    remote_timeout: str = "24h"  # overall client time-out of a remote job
+    allow_version_drift: bool = False  # client and NDIF transformers major.minor may differ
     dry_run: bool = False
     submit: bool = False
     progress: bool = True
@@ -151,3 +154,15 @@ def check_config(cfg: JobConfig) -> None:
     if cfg.remote_backend not in ("remote", "local"):
         raise UserError(f"--remote-backend must be remote or local, got {cfg.remote_backend!r}")
     check_cells_per_request(cfg.cells_per_request)
+    if not cfg.max_request_mb > 0:
+        raise UserError(f"--max-request-mb must be > 0, got {cfg.max_request_mb}")
+    parse_duration(cfg.remote_timeout, "remote-timeout")
+
+
+def parse_duration(spec: str, name: str) -> float:
+    """``"90"`` or ``"90s"``, ``"15m"``, ``"24h"`` -> seconds (> 0)."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d*)?)\s*([smh]?)\s*", str(spec))
+    if not match or float(match.group(1)) <= 0:
+        raise UserError(f"--{name} takes a positive duration such as 90s, 15m or 24h, got "
+                        f"{spec!r}")
+    return float(match.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[match.group(2)]

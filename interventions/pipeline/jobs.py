@@ -38,7 +38,7 @@ from .experiments import (NEEDS_CONFIG, PAPER_STYLES, STYLE_TASKS, THREE_OPERAND
                           af1_search, alternative_cells, config_cells, necessity_cells,
                           parse_experiments, sweep_cells)
 from .manifest import base_manifest, now, write_json_atomic
-from .remote_jobs import dry_run, submit
+from .remote_jobs import dry_run, start_remote, submit
 from .results import SETTING_DEFAULTS, ResultsLog, setting_label, setting_of
 from .stats import CI_LEVEL, CI_METHOD, PAIRED_TEST
 from .taskrun import TaskRun
@@ -67,6 +67,7 @@ class Job:
         self.setting = {"dtype": model.identity.dtype,
                         "attn_implementation": model.identity.attn_implementation,
                         "backend": backend_name(cfg)}
+        self.preflight = None  # NDIF's preflight result (--remote on NDIF)
 
     def save_manifest(self) -> None:
         write_json_atomic(self.out / "manifest.json", self.manifest)
@@ -158,8 +159,9 @@ def run_job(cfg: JobConfig) -> Path:
     check_config(cfg)
 
     t = time.time()
-    model = _load(cfg)
+    model, checked = _load(cfg)
     job = Job(cfg, model, out, experiments)
+    job.preflight = checked
     job.timings["load_model_s"] = time.time() - t
     n_layers = model.n_layers
     l_waits = list(range(n_layers)) if l_waits_spec is None else l_waits_spec
@@ -187,10 +189,7 @@ def run_job(cfg: JobConfig) -> Path:
               main_runs[0].setting)
     job.manifest["skipped_tasks"] = skipped
     if cfg.remote:
-        from ..executors.remote.client import RemoteClient
-
-        job.client = RemoteClient(model, cfg.remote_backend, ledger=out / "remote",
-                                  blocking=not cfg.submit)
+        start_remote(job, main_runs[0])
     if cfg.submit:
         submit(job, main_runs, plans)
         return out
@@ -252,8 +251,9 @@ def evaluation_plan(experiments: Sequence[str], main_runs: list[TaskRun],
                 yield experiment, run, config_cells(experiment, config_for(None))
 
 
-def _load(cfg: JobConfig) -> AF1Model:
-    """The model: local weights, or for ``--remote`` the architecture only (after preflight).
+def _load(cfg: JobConfig):
+    """The model: local weights, or for ``--remote`` the architecture only (after preflight,
+    whose result comes second; ``None`` when there is none).
 
     ``--remote-backend local`` runs the remote path against local weights (the offline test).
     """
@@ -264,13 +264,14 @@ def _load(cfg: JobConfig) -> AF1Model:
         if cfg.device != "auto" or cfg.dtype not in ("auto", "bfloat16"):
             print("[af1] note: --device/--dtype do not apply to NDIF (it runs bfloat16 on its "
                   "own GPUs)", flush=True)
-        check = preflight(cfg.model, cfg.revision)
+        check = preflight(cfg.model, cfg.revision, allow_version_drift=cfg.allow_version_drift,
+                          dry_run=cfg.dry_run)
         for warning in check.warnings:
             print(f"[af1] warning: {warning}", flush=True)
         return load_remote_model(cfg.model, revision=cfg.revision,
-                                 attn_implementation=cfg.attn_implementation)
+                                 attn_implementation=cfg.attn_implementation), check
     return load_model(cfg.model, dtype=cfg.dtype, device=cfg.device,
-                      attn_implementation=cfg.attn_implementation, revision=cfg.revision)
+                      attn_implementation=cfg.attn_implementation, revision=cfg.revision), None
 
 
 def _build(cfg: JobConfig, model: AF1Model, task: str, style: str, template: str | None):

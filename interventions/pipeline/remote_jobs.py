@@ -1,5 +1,5 @@
-"""Remote jobs without waiting: the dry-run plan (what would be sent, sizes included) and
-``--submit`` (send and exit; a rerun collects)."""
+"""What a job does only on NDIF: the client and the self-check on arrival, the dry-run plan
+(what would be sent, sizes included) and ``--submit`` (send and exit; a rerun collects)."""
 
 from __future__ import annotations
 
@@ -14,9 +14,37 @@ if TYPE_CHECKING:
     from .taskrun import TaskRun
 
 
+def start_remote(job: Job, first_run: TaskRun) -> None:
+    """Make the job's remote client, then run the self-check on arrival on the first task's
+    prompts; its outcome goes to the manifest (``remote.self_check``), and a failure stops the
+    job with one line before any cell is sent."""
+    from ..executors.remote.client import RemoteClient
+    from ..executors.remote.selfcheck import run_self_check
+    from .config import parse_duration
+
+    cfg = job.cfg
+    job.client = RemoteClient(job.model, cfg.remote_backend, ledger=job.out / "remote",
+                              blocking=not cfg.submit,
+                              max_request_bytes=max_request_bytes(cfg),
+                              overall_timeout_s=parse_duration(cfg.remote_timeout,
+                                                               "remote-timeout"))
+    server = job.preflight.server_transformers if job.preflight is not None else None
+    check = run_self_check(job.client, job.model, first_run.dataset["prompt"], server)
+    job.client.stats.self_check = check.to_dict()
+    job.manifest["remote"] = job.client.stats.to_dict()
+    job.save_manifest()
+    check.check()
+
+
+def max_request_bytes(cfg) -> int:
+    """``--max-request-mb`` in bytes (decimal megabytes, as network sizes are given)."""
+    return int(cfg.max_request_mb * 1_000_000)
+
+
 def dry_run(job: Job, main_runs, extra_runs, plans, fixed_config) -> str:
-    """The remote requests the job would send, with their sizes; writes and sends nothing."""
-    from ..executors.remote.preflight import PlannedTask, plan_remote_job
+    """The remote requests the job would send, with their sizes and the preflight's outcome;
+    writes and sends nothing."""
+    from ..executors.remote.dryrun import PlannedTask, plan_remote_job
     from ..mechanisms.cama import cama_cache_path
     from .jobs import PROBE_TASK, evaluation_plan
     from .results import read_results
@@ -46,7 +74,11 @@ def dry_run(job: Job, main_runs, extra_runs, plans, fixed_config) -> str:
         tasks.append(PlannedTask(run.label, run.prompts, [c.intervention for c in todo],
                                  build, clean=first))
     plan = plan_remote_job(job.model, tasks, batch_size=job.cfg.batch_size,
-                           cells_per_request=job.cfg.cells_per_request)
+                           cells_per_request=job.cfg.cells_per_request,
+                           max_request_bytes=max_request_bytes(job.cfg),
+                           self_check_prompts=main_runs[0].dataset["prompt"])
+    preflight = ("not needed (--remote-backend local: the server is this process)"
+                 if job.preflight is None else job.preflight.summary)
     note = "" if fixed_config or not any(
         e in job.experiments for e in NEEDS_CONFIG) else (
         "\nnote: alternatives/styles/three_operand are planned at an assumed AF1 configuration "
@@ -57,7 +89,7 @@ def dry_run(job: Job, main_runs, extra_runs, plans, fixed_config) -> str:
         batches = -(-pairs // job.cfg.batch_size)
         note += (f"\nplus the partial-result probe: {3 * batches} small requests (3 reads x "
                  f"{batches} batches of its {pairs} operand pairs)")
-    return str(plan) + note
+    return f"preflight: {preflight}\n{plan}{note}"
 
 
 def submit(job: Job, main_runs: list[TaskRun], plans: list[AF1Plan]) -> None:

@@ -1,13 +1,26 @@
-"""The remote client: sends AF1's requests for one model, with retries, and accounts for them.
+"""The remote client: sends AF1's requests for one model, survives the service's faults, and
+accounts for them.
 
 :class:`RemoteClient` serializes a ``with`` block (through :class:`SessionBackend`, an nnsight
-backend), delivers it through a transport (``transport.py``) with bounded exponential backoff,
-keeps finished results and job ids in a ledger (``ledger.py``) and counts bytes up and down per
-request (:class:`RemoteStats`, for the manifest).
+backend), delivers it through a transport (``transport.py``), keeps finished results and job ids
+in a ledger (``ledger.py``) and counts bytes up and down per request (:class:`RemoteStats`, for
+the manifest). Faults (``faults.py``):
+
+* a request over the byte budget, or refused by NDIF with HTTP 413, raises
+  :class:`RequestTooLarge` for the caller to split (after a 413 the budget drops below the
+  refused size, so later requests are split before they are sent);
+* a job error that would recur (unreadable payload, another module tree, the shipped code
+  raising) stops at once with one line naming the request and the cause;
+* network errors, other job errors and time-outs are retried with bounded exponential backoff;
+* a submitted job whose result link expired is resubmitted, and the resubmission recorded;
+* an overall client time-out bounds the whole job; the ledger is written atomically, so a
+  Ctrl-C or a time-out leaves it consistent and a rerun resumes.
 """
 
 from __future__ import annotations
 
+import os
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable
@@ -18,22 +31,23 @@ from nnsight.tracing.backend import Backend
 from ... import nnsight_internals as internals
 from ...errors import UserError
 from ...nnsight_internals import RemoteError
+from .faults import (ClientTimeout, RemoteRunError, RequestTimeout, RequestTooLarge,
+                     ResultExpired, deterministic_failure, failure_message, http_status,
+                     retryable)
 from .ledger import RequestLedger
-from .transport import LocalTransport, NdifTransport, _retryable, decode_result
+from .transport import LocalTransport, NdifTransport, decode_result, package_version
 
 DEFAULT_CELLS_PER_REQUEST = 32
 DEFAULT_MAX_RETRIES = 3
 DEFAULT_BACKOFF_S = 2.0
 DEFAULT_MAX_BACKOFF_S = 60.0
 DEFAULT_POLL_INTERVAL_S = 3.0
+# Serialized request size (before compression) above which a request is split: well under
+# what HTTP front ends commonly accept (Cloudflare's 100 MB; NDIF's own limit is not published).
+DEFAULT_MAX_REQUEST_BYTES = 16_000_000
 
-
-class RemoteRunError(UserError):
-    """A remote request failed after its retries (network, NDIF job error or time-out)."""
-
-
-class RequestTimeout(TimeoutError):
-    """A submitted job did not finish within the client's ``timeout_s``."""
+__all__ = ["RemoteClient", "RemoteRunError", "RemoteStats", "RequestRecord", "RequestTimeout",
+           "RequestTooLarge", "SessionBackend", "format_bytes", "serialized_size"]
 
 
 # -- byte accounting --------------------------------------------------------------------------
@@ -43,7 +57,7 @@ class RequestTimeout(TimeoutError):
 class RequestRecord:
     """One request as sent (or as reused from the ledger)."""
 
-    kind: str  # "cama", "clean", "cells", or a caller's name
+    kind: str  # "cama", "clean", "cells", "selfcheck", or a caller's name
     label: str
     cells: int  # configurations evaluated (0 for a CAMA build)
     traces: int  # forward passes on the server
@@ -53,6 +67,7 @@ class RequestRecord:
     seconds: float
     job_id: str | None
     reused: bool = False  # result taken from the ledger: nothing was sent
+    resubmitted_from: list[str] = field(default_factory=list)  # jobs whose results expired
 
 
 @dataclass
@@ -63,15 +78,22 @@ class RemoteStats:
     host: str | None
     compress: bool
     model_key: str | None = None  # the deployment NDIF was asked for (repo, revision, task)
+    server_code: str | None = None  # offline: "ndif <version>" or "stand-in"
+    max_request_bytes: int | None = None  # the byte budget at the end (lowered by HTTP 413)
+    refused_too_large: int = 0  # requests NDIF refused with HTTP 413 (then split)
+    self_check: dict | None = None  # see selfcheck.py
     requests: list[RequestRecord] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         sent = [r for r in self.requests if not r.reused]
         return {
             "backend": self.backend, "host": self.host, "compress": self.compress,
-            "model_key": self.model_key,
+            "model_key": self.model_key, "server_code": self.server_code,
+            "max_request_bytes": self.max_request_bytes,
+            "refused_too_large": self.refused_too_large, "self_check": self.self_check,
             "n_requests": len(sent), "n_reused": len(self.requests) - len(sent),
             "n_attempts": sum(r.attempts for r in sent),
+            "n_resubmitted": sum(len(r.resubmitted_from) for r in sent),
             "bytes_up": sum(r.bytes_up for r in sent),
             "bytes_down": sum(r.bytes_down for r in sent),
             "seconds": round(sum(r.seconds for r in sent), 3),
@@ -89,7 +111,24 @@ def format_bytes(n: float) -> str:
             return f"{n:.1f} {unit}"
 
 
-# -- the client: serialization, delivery with retries, accounting ---------------------------------
+def serialized_size(blob: bytes, compress: bool) -> int:
+    """Bytes of a serialized request before compression (what the byte budget limits: the
+    same in a dry run, whose placeholder tables would compress unlike real ones)."""
+    if not compress:
+        return len(blob)
+    import zstandard
+
+    size = zstandard.frame_content_size(blob)
+    return size if size >= 0 else len(zstandard.ZstdDecompressor().decompress(blob))
+
+
+def check_max_request_bytes(max_request_bytes: int | None) -> int | None:
+    if max_request_bytes is not None and max_request_bytes < 1:
+        raise UserError(f"the request byte budget must be positive, got {max_request_bytes}")
+    return max_request_bytes
+
+
+# -- the client: serialization, delivery, faults, accounting --------------------------------------
 
 
 class RemoteClient:
@@ -107,9 +146,13 @@ class RemoteClient:
         max_retries: further attempts after a retryable failure; the wait before attempt
             ``n + 1`` is ``min(max_backoff_s, backoff_s * 2**(n-1))``.
         timeout_s: client-side limit on polling one job (non-blocking mode), then retried.
+        overall_timeout_s: client-side limit on everything this client does, from its creation
+            (``None``: none); past it a :class:`ClientTimeout` stops the job.
+        max_request_bytes: byte budget of one request, serialized, before compression
+            (``None``: none); a larger one raises :class:`RequestTooLarge` before it is sent.
         compress: zstd-compress requests and results (default: nnsight's config, on).
         log: one-line progress messages (default: print).
-        sleep: how to wait between retries and polls (tests pass a recorder).
+        sleep / clock: how to wait and what time it is (tests pass recorders).
     """
 
     def __init__(self, model, backend: str = "remote", *, transport=None, blocking: bool = True,
@@ -117,9 +160,11 @@ class RemoteClient:
                  max_retries: int = DEFAULT_MAX_RETRIES, backoff_s: float = DEFAULT_BACKOFF_S,
                  max_backoff_s: float = DEFAULT_MAX_BACKOFF_S,
                  poll_interval_s: float = DEFAULT_POLL_INTERVAL_S,
-                 timeout_s: float | None = None, compress: bool | None = None,
-                 log: Callable[[str], None] | None = None,
-                 sleep: Callable[[float], None] = time.sleep):
+                 timeout_s: float | None = None, overall_timeout_s: float | None = None,
+                 max_request_bytes: int | None = DEFAULT_MAX_REQUEST_BYTES,
+                 compress: bool | None = None, log: Callable[[str], None] | None = None,
+                 sleep: Callable[[float], None] = time.sleep,
+                 clock: Callable[[], float] = time.monotonic):
         if transport is None:
             if backend == "local":
                 transport = LocalTransport.for_model(model)
@@ -138,11 +183,17 @@ class RemoteClient:
         self.max_backoff_s = max_backoff_s
         self.poll_interval_s = poll_interval_s
         self.timeout_s = timeout_s
+        self.overall_timeout_s = overall_timeout_s
+        self.max_request_bytes = check_max_request_bytes(max_request_bytes)
         self.compress = CONFIG.API.COMPRESS if compress is None else compress
         self.log = log or (lambda message: print(message, flush=True))
         self.sleep = sleep
+        self.clock = clock
+        self.deadline = None if overall_timeout_s is None else clock() + overall_timeout_s
         self.stats = RemoteStats(backend=getattr(transport, "name", type(transport).__name__),
-                                 host=getattr(transport, "host", None), compress=self.compress)
+                                 host=getattr(transport, "host", None), compress=self.compress,
+                                 server_code=getattr(transport, "server_code", None),
+                                 max_request_bytes=self.max_request_bytes)
 
     def backoff(self, attempts: int) -> float:
         """Seconds to wait after ``attempts`` failed attempts (bounded exponential backoff)."""
@@ -159,6 +210,76 @@ class RemoteClient:
         """
         return SessionBackend(self, kind, label, key, cells, traces, submit_only)
 
+    # -- limits
+
+    def check_size(self, blob: bytes, label: str) -> int:
+        """The request's size before compression; :class:`RequestTooLarge` over the budget."""
+        size = serialized_size(blob, self.compress)
+        if self.max_request_bytes is not None and size > self.max_request_bytes:
+            raise RequestTooLarge(label, size, self.max_request_bytes)
+        return size
+
+    def _remaining(self, label: str) -> float | None:
+        """Seconds left before the overall time-out; :class:`ClientTimeout` when none are."""
+        if self.deadline is None:
+            return None
+        left = self.deadline - self.clock()
+        if left <= 0:
+            where = f" in {str(self.ledger.directory)!r}" if self.ledger else ""
+            raise ClientTimeout(
+                f"the remote job ran past the client time-out of {self.overall_timeout_s:g} s "
+                f"(--remote-timeout) at request {label}; finished requests are kept{where} and "
+                "finished cells in the results, so rerunning the same command resumes")
+        return left
+
+    def _within_deadline(self, label: str, call: Callable, *args):
+        """``call(*args)``, given up (:class:`ClientTimeout`) at the overall time-out. The call
+        runs in a daemon thread then: a blocking wait on NDIF cannot be interrupted otherwise."""
+        left = self._remaining(label)
+        if left is None:
+            return call(*args)
+        outcome: dict = {}
+
+        def run():
+            try:
+                outcome["value"] = call(*args)
+            except BaseException as error:  # noqa: BLE001 - re-raised in the caller's thread
+                outcome["error"] = error
+
+        worker = threading.Thread(target=run, name=f"af1-remote {label}", daemon=True)
+        worker.start()
+        worker.join(left)
+        if worker.is_alive():
+            self._remaining(label)  # raises once the deadline has passed
+            worker.join()
+        if "error" in outcome:
+            raise outcome["error"]
+        return outcome["value"]
+
+    def _refused_too_large(self, label: str, size: int, error: BaseException):
+        """HTTP 413: lower the budget below this size (later requests split before sending)
+        and hand the request back to be split."""
+        self.stats.refused_too_large += 1
+        budget = size - 1 if self.max_request_bytes is None else min(self.max_request_bytes,
+                                                                     size - 1)
+        self.max_request_bytes = self.stats.max_request_bytes = budget
+        self.log(f"[af1 remote] {label}: NDIF refused {format_bytes(size)} as too large (HTTP "
+                 f"413); splitting it, and the request budget is now {format_bytes(budget)}")
+        raise RequestTooLarge(label, size, None, by_server=True) from error
+
+    def _stop(self, label: str, error: BaseException):
+        """A failure retrying cannot fix: one line naming the request and the cause."""
+        failure = deterministic_failure(error)
+        if failure is not None:
+            transformers = package_version("transformers")
+            raise RemoteRunError(failure_message(label, *failure, transformers)) from error
+        if isinstance(error, RemoteError):
+            raise RemoteRunError(f"NDIF refused request {label}: "
+                                 f"{' '.join(str(error).split())}") from error
+        raise error
+
+    # -- delivery
+
     def deliver(self, blob: bytes, kind: str, label: str, key: str | None, cells: int,
                 traces: int) -> tuple[bytes, bool]:
         """Send ``blob`` (with retries) or reuse its ledger result.
@@ -172,55 +293,81 @@ class RemoteClient:
                                                      reused=True))
             self.log(f"[af1 remote] {label}: reused the finished result in the ledger")
             return reused
+        size = self.check_size(blob, label)
         started = time.time()
         uploads = attempts = 0
+        expired: list[str] = []
         # A submitted job (this run's, or an earlier run's from the ledger) is polled again
-        # after a time-out or a network error, and sent again only when it failed on the server.
+        # after a time-out or a network error, and sent again only when it failed on the server
+        # or its result expired.
         pending = self.ledger.job(key) if self.ledger and key else None
         while True:
             attempts += 1
             try:
                 if self.blocking and pending is None:
                     uploads += 1
-                    content, job_id = self.transport.send(blob, self.compress)
+                    content, job_id = self._within_deadline(label, self.transport.send, blob,
+                                                            self.compress)
                 else:
                     if pending is None:
                         uploads += 1
-                        pending = self.transport.submit(blob, self.compress)
-                        self.log(f"[af1 remote] {label}: submitted job {pending}")
-                        if self.ledger and key:
-                            self.ledger.submitted(key, pending, label)
+                        pending = self._submit_once(blob, label, key)
                     job_id = pending
-                    content = self._wait(pending)
+                    content = self._wait(pending, label)
                 break
-            except Exception as error:  # noqa: BLE001 - classified by _retryable
-                if not _retryable(error):
-                    raise
+            except (ClientTimeout, RequestTooLarge):
+                raise
+            except ResultExpired as error:
+                expired.append(pending)
+                self.log(f"[af1 remote] {label}: {error}; resubmitting")
+                pending = None
+                if self.ledger and key:
+                    self.ledger.expired(key)
+                if attempts > self.max_retries:
+                    raise RemoteRunError(f"NDIF request {label}: results expired {len(expired)} "
+                                         "times before they were collected") from error
+            except Exception as error:  # noqa: BLE001 - classified below
+                if http_status(error) == 413:
+                    self._refused_too_large(label, size, error)
                 if isinstance(error, RemoteError):
-                    pending = None
+                    pending = None  # the job failed on the server: it is sent again, if at all
                     if self.ledger and key:
                         self.ledger.forget(key)
+                if not retryable(error):
+                    self._stop(label, error)
                 if attempts > self.max_retries:
                     where = f" in {str(self.ledger.directory)!r}" if self.ledger else ""
                     raise RemoteRunError(
                         f"NDIF request {label} failed after {attempts} attempts "
-                        f"({type(error).__name__}: {error}); finished requests are kept"
-                        f"{where} and finished cells in the results, so rerunning the same "
-                        "command resumes") from error
+                        f"({type(error).__name__}: {' '.join(str(error).split())}); finished "
+                        f"requests are kept{where} and finished cells in the results, so "
+                        "rerunning the same command resumes") from error
                 delay = self.backoff(attempts)
                 self.log(f"[af1 remote] {label}: attempt {attempts} failed "
                          f"({type(error).__name__}: {error}); retrying in {delay:.0f} s")
-                self.sleep(delay)
+                left = self._remaining(label)
+                self.sleep(delay if left is None else min(delay, left))
         record = RequestRecord(kind, label, cells, traces, uploads * len(blob), len(content),
-                               attempts, round(time.time() - started, 3), job_id)
+                               attempts, round(time.time() - started, 3), job_id,
+                               resubmitted_from=expired)
         self.stats.requests.append(record)
         self.stats.model_key = getattr(self.transport, "model_key", None)
         if self.ledger and key:
             self.ledger.done(key, content, self.compress, label, job_id)
         self.log(f"[af1 remote] {label}: {traces} traces, up {format_bytes(record.bytes_up)}, "
                  f"down {format_bytes(record.bytes_down)}, {record.seconds:.1f} s"
-                 + (f" ({attempts} attempts)" if attempts > 1 else ""))
+                 + (f" ({attempts} attempts)" if attempts > 1 else "")
+                 + (f" (resubmitted: the results of {', '.join(expired)} expired)"
+                    if expired else ""))
         return content, self.compress
+
+    def _submit_once(self, blob: bytes, label: str, key: str | None) -> str:
+        """Submit without waiting; the job id goes to the ledger at once."""
+        job_id = self._within_deadline(label, self.transport.submit, blob, self.compress)
+        self.log(f"[af1 remote] {label}: submitted job {job_id}")
+        if self.ledger and key:
+            self.ledger.submitted(key, job_id, label)
+        return job_id
 
     def submit(self, blob: bytes, kind: str, label: str, key: str, cells: int,
                traces: int) -> str:
@@ -234,35 +381,39 @@ class RemoteClient:
         job_id = self.ledger.job(key)
         if job_id is not None:
             return job_id
+        size = self.check_size(blob, label)
         started = time.time()
         attempts = 0
         while job_id is None:
             attempts += 1
             try:
-                job_id = self.transport.submit(blob, self.compress)
-            except Exception as error:  # noqa: BLE001 - classified by _retryable
-                if not _retryable(error):
-                    raise
+                job_id = self._submit_once(blob, label, key)
+            except (ClientTimeout, RequestTooLarge):
+                raise
+            except Exception as error:  # noqa: BLE001 - classified below
+                if http_status(error) == 413:
+                    self._refused_too_large(label, size, error)
+                if not retryable(error):
+                    self._stop(label, error)
                 if attempts > self.max_retries:
                     raise RemoteRunError(f"submitting NDIF request {label} failed after "
                                          f"{attempts} attempts ({error})") from error
                 self.sleep(self.backoff(attempts))
-        self.ledger.submitted(key, job_id, label)
         self.stats.requests.append(RequestRecord(kind, label, cells, traces,
                                                  attempts * len(blob), 0, attempts,
                                                  round(time.time() - started, 3), job_id))
-        self.log(f"[af1 remote] {label}: submitted job {job_id} (up {format_bytes(len(blob))})")
         return job_id
 
-    def _wait(self, job_id: str) -> bytes:
-        deadline = None if self.timeout_s is None else time.monotonic() + self.timeout_s
+    def _wait(self, job_id: str, label: str) -> bytes:
+        deadline = None if self.timeout_s is None else self.clock() + self.timeout_s
         while True:
             content = self.transport.poll(job_id, self.compress)
             if content is not None:
                 return content
-            if deadline is not None and time.monotonic() > deadline:
+            if deadline is not None and self.clock() > deadline:
                 raise RequestTimeout(f"job {job_id} did not finish within {self.timeout_s:.0f} s")
-            self.sleep(self.poll_interval_s)
+            left = self._remaining(label)
+            self.sleep(self.poll_interval_s if left is None else min(self.poll_interval_s, left))
 
 
 class SessionBackend(Backend):
@@ -296,5 +447,3 @@ class SessionBackend(Backend):
         self.result = decode_result(content, compress)
         internals.return_saves(tracer, self.result)
         return self.result
-
-

@@ -1,8 +1,11 @@
 """The remote executor: AF1 cells and CAMA sums as few, small NDIF requests.
 
-* :func:`cells_session` and :func:`residual_sums_session` hold the ``with`` blocks that are
-  shipped; :class:`RemoteExecutor` packs ``cells_per_request`` configurations x every prompt
-  batch into one session request and uploads each CAMA layer a request needs once.
+* Every request is sent from the one trace site (``trace_site.py``, loaded here under a
+  content-addressed file name); :func:`cells_session` and :func:`residual_sums_session` make the
+  two kinds of request from it with the steps in ``steps.py``.
+* :class:`RemoteExecutor` packs ``cells_per_request`` configurations x every prompt batch into
+  one session request, uploads each CAMA layer a request needs once, and splits a request in
+  halves until it fits the byte budget (:func:`split_to_fit`).
 * :func:`load_remote_model` gives an :class:`AF1Model` without weights (config and tokenizer
   only) for models NDIF hosts.
 """
@@ -11,9 +14,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import linecache
 import warnings
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -21,69 +25,96 @@ import torch
 from ... import nnsight_internals as internals
 from ...errors import UserError
 from ...mechanisms.plan import AF1Plan, Intervention, as_intervention
-from ...mechanisms.traced import (CamaLayer, accumulate_residuals, apply_intervention,
-                                  last_token_predictions)
+from ...mechanisms.traced import CamaLayer
 from ...nnsight_internals import RemoteError
 from ..base import Predictions
-from .client import DEFAULT_CELLS_PER_REQUEST, DEFAULT_MAX_RETRIES, RemoteClient, RemoteStats
+from .client import (DEFAULT_CELLS_PER_REQUEST, DEFAULT_MAX_RETRIES, RemoteClient,
+                     RemoteRunError, RemoteStats, RequestTooLarge)
+from .steps import (batch_traces, cell_traces, predictions_finish, predictions_step,
+                    residual_sums_step)
+
+# -- the trace site and the two kinds of request ---------------------------------------------------
 
 
-# -- what runs on the server ----------------------------------------------------------------------
-#
-# These functions hold the ``with`` blocks that are shipped. A block ships its source and the
-# values it names (here: the function's arguments, the traced/plan functions, ``torch``), so each
-# takes exactly what the server needs as arguments and nothing else (never ``self``). No comment
-# or blank line inside a block: nnsight ships it re-formatted, and nested traces are found by line.
+def load_trace_site(path: Path = Path(__file__).with_name("trace_site.py")) -> Callable:
+    """``run_traces`` compiled from ``path`` under ``<path>@<sha256 of its text, 12 hex>``.
+
+    nnsight reads a block's source through ``linecache`` by file name, so the text is registered
+    there under that name; a server that keeps its source caches then never confuses two
+    versions of the file (see ``trace_site.py``).
+    """
+    source = path.read_text()
+    filename = f"{path}@{hashlib.sha256(source.encode()).hexdigest()[:12]}"
+    linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
+    namespace = {"__name__": f"{__package__}.trace_site", "__file__": filename}
+    exec(compile(source, filename, "exec"), namespace)  # noqa: S102 - this package's own file
+    return namespace["run_traces"]
 
 
-def cells_session(lm, sites, backend, cells, batches):
+run_traces = load_trace_site()
+
+
+def request_result(saves: dict | None) -> dict | None:
+    """The dict ``finish`` saved, from a request's decoded saves (``None`` for a dry run)."""
+    return None if saves is None else saves["result"]
+
+
+def cells_session(lm, sites, backend, cells, batches) -> dict | None:
     """One request: every ``(intervention, cama)`` cell on every ``(encoding, answers)`` batch.
 
-    Saves ``pred_ids`` int32 and ``answer_logits`` float32, each ``(len(cells) * N,)`` in
-    cell-major, batch order (N prompts). The inner ``no_grad`` runs on the server too, so no
-    autograd graph grows across the session.
+    Returns ``pred_ids`` int32 and ``answer_logits`` float32, each ``(len(cells) * N,)`` in
+    cell-major, batch order (N prompts); ``None`` when ``backend`` only serializes.
     """
-    with torch.no_grad(), lm.session(backend=backend):
-        with torch.no_grad():
-            id_parts = []
-            logit_parts = []
-            for intervention, cama in cells:
-                for enc, answers in batches:
-                    with lm.trace(enc):
-                        if intervention is not None:
-                            apply_intervention(sites, intervention, cama)
-                        ids, logits = last_token_predictions(sites, answers)
-                        id_parts.append(ids.to(torch.int32))
-                        logit_parts.append(logits.float())
-            pred_ids = torch.cat(id_parts).save()
-            answer_logits = torch.cat(logit_parts).save()
+    state = {"cells": list(cells), "batches": list(batches), "pred_ids": [],
+             "answer_logits": []}
+    return request_result(run_traces(lm, sites, backend, cell_traces, predictions_step,
+                                     predictions_finish, state))
 
 
-def residual_sums_session(lm, sites, backend, batches, layers, keys, hidden):
+def residual_sums_session(lm, sites, backend, batches, layers, keys, hidden) -> dict | None:
     """One request: clean traces over ``(encoding, answers or None)`` batches, adding each
     token's ``h_k`` to its key's float64 sum on the server.
 
-    Saves ``residual_sums`` ``(len(layers), K, D)`` float32 and, when the batches carry answers,
-    ``pred_ids``/``answer_logits`` as :func:`cells_session` does for one clean cell. The sums
-    live in the server's CPU memory (a few hundred MB at most): ``device_map="auto"`` spreads
-    the layers over GPUs, and no one GPU need hold them all.
+    Returns ``residual_sums`` ``(len(layers), K, D)`` float32 and, when the batches carry
+    answers, ``pred_ids``/``answer_logits`` as :func:`cells_session` does for one clean cell.
+    The sums live in the server's CPU memory (a few hundred MB at most): ``device_map="auto"``
+    spreads the layers over GPUs, and no one GPU need hold them all.
     """
-    with torch.no_grad(), lm.session(backend=backend):
-        with torch.no_grad():
-            sums = torch.zeros(len(layers), len(keys), hidden, dtype=torch.float64)
-            id_parts = []
-            logit_parts = []
-            for enc, answers in batches:
-                with lm.trace(enc):
-                    accumulate_residuals(sites, layers, keys, sums)
-                    if answers is not None:
-                        ids, logits = last_token_predictions(sites, answers)
-                        id_parts.append(ids.to(torch.int32))
-                        logit_parts.append(logits.float())
-            residual_sums = sums.float().save()
-            if id_parts:
-                pred_ids = torch.cat(id_parts).save()
-                answer_logits = torch.cat(logit_parts).save()
+    state = {"batches": list(batches), "pred_ids": [], "answer_logits": [],
+             "layers": list(layers), "keys": keys, "shape": (len(layers), len(keys), hidden)}
+    return request_result(run_traces(lm, sites, backend, batch_traces, residual_sums_step,
+                                     predictions_finish, state))
+
+
+def range_label(noun: str, start: int, n: int, total: int) -> str:
+    """``"cells 33-64 of 114"``: items ``start .. start+n-1`` (0-based) of ``total``."""
+    return f"{noun} {start + 1}-{start + n} of {total}"
+
+
+def split_to_fit(items: Sequence, send: Callable[[Sequence, int], Any], what: str
+                 ) -> Iterator[tuple[Sequence, Any]]:
+    """``send(part, start)`` for consecutive parts covering ``items`` in order: all of them at
+    once, or, for a part whose request is too large (:class:`RequestTooLarge`), its two halves
+    in turn. Yields ``(part, send's result)``; ``start`` is the part's offset in ``items``.
+
+    A single item too large is an error (``what`` names the items, e.g. ``"configuration"``).
+    """
+    pending = [(0, list(items))]
+    while pending:
+        start, part = pending.pop(0)
+        try:
+            result = send(part, start)
+        except RequestTooLarge as error:
+            if len(part) == 1:
+                limit = "NDIF refused it (HTTP 413):" if error.by_server else \
+                    f"the request budget is {error.budget} bytes: raise --max-request-mb or"
+                raise RemoteRunError(f"request {error.label} is {error.size} bytes before "
+                                     f"compression with a single {what}, and {limit} lower "
+                                     "--batch-size") from None
+            half = (len(part) + 1) // 2
+            pending[:0] = [(start, part[:half]), (start + half, part[half:])]
+            continue
+        yield part, result
 
 
 # -- request keys ---------------------------------------------------------------------------------
@@ -145,20 +176,25 @@ class _RemoteCamaRunner:
         answers = self.answer_ids if self.answer_ids is not None else [None] * len(encodings)
         batches = list(zip(encodings, answers))
         size = self.batches_per_request or len(batches)
-        chunks = [batches[i:i + size] for i in range(0, len(batches), size)]
         layers = [int(k) for k in layers]
         hidden = model.hf.config.get_text_config().hidden_size
         total = torch.zeros(len(layers), len(keys), hidden, dtype=torch.float64)
         predictions = []
-        for n, chunk in enumerate(chunks, 1):
-            label = f"CAMA sums, batches {(n - 1) * size + 1}-{(n - 1) * size + len(chunk)} " \
-                    f"of {len(batches)}"
-            key = _request_key(model, "cama", [layers, _digest(keys), _batches_digest(chunk)])
-            backend = self.client.backend("cama", label, key, traces=len(chunk))
-            residual_sums_session(model.lm, model.sites, backend, chunk, layers, keys, hidden)
-            total += backend.result["residual_sums"].double()
-            if "pred_ids" in backend.result:
-                predictions.append((backend.result["pred_ids"], backend.result["answer_logits"]))
+
+        def send(part, start):
+            label = range_label("CAMA sums, batches", start, len(part), len(batches))
+            key = _request_key(model, "cama", [layers, _digest(keys), _batches_digest(part)])
+            backend = self.client.backend("cama", label, key, traces=len(part))
+            return residual_sums_session(model.lm, model.sites, backend, part, layers, keys,
+                                         hidden)
+
+        for first in range(0, len(batches), size):
+            for _, result in split_to_fit(batches[first:first + size],
+                                          lambda part, start: send(part, first + start),
+                                          "batch"):
+                total += result["residual_sums"].double()
+                if "pred_ids" in result:
+                    predictions.append((result["pred_ids"], result["answer_logits"]))
         if self.on_predictions is not None and predictions:
             self.on_predictions(predictions)
         return total
@@ -248,30 +284,17 @@ class RemoteExecutor:
     def run_many(self, cells: Iterable[tuple[Any, AF1Plan | Intervention, CamaLayer | None]]
                  ) -> Iterator[tuple[Any, Predictions]]:
         """Evaluate ``(tag, plan_or_intervention, cama_layer)`` cells, ``cells_per_request`` per
-        request; yields ``(tag, predictions)`` chunk by chunk as each request finishes."""
-        chunks = self._chunks(cells)
-        total = sum(len(c) for c in chunks)
-        done = 0
-        for chunk in chunks:
-            label = f"cells {done + 1}-{done + len(chunk)} of {total}"
-            preds = self._evaluate([(iv, cama) for _, iv, cama in chunk], "cells", label)
-            done += len(chunk)
-            for (tag, _, _), p in zip(chunk, preds):
+        request (fewer where a request would exceed the byte budget); yields
+        ``(tag, predictions)`` request by request as each finishes."""
+        for part, preds in self._requests(cells, submit_only=False):
+            for (tag, _, _), p in zip(part, preds):
                 yield tag, p
 
     def submit(self, cells: Iterable[tuple[Any, AF1Plan | Intervention, CamaLayer | None]]
                ) -> list[str]:
-        """Submit every chunk of ``cells`` without waiting; returns the job ids (kept in the
+        """Submit every request of ``cells`` without waiting; returns the job ids (kept in the
         client's ledger). Collect later with :meth:`run_many` on the same cells and ledger."""
-        chunks = self._chunks(cells)
-        total = sum(len(c) for c in chunks)
-        jobs, done = [], 0
-        for chunk in chunks:
-            label = f"cells {done + 1}-{done + len(chunk)} of {total}"
-            jobs.append(self._evaluate([(iv, cama) for _, iv, cama in chunk], "cells", label,
-                                       submit_only=True))
-            done += len(chunk)
-        return jobs
+        return [job_id for _, job_id in self._requests(cells, submit_only=True)]
 
     def cama_runner(self, batches_per_request: int | None = None):
         """A remote CAMA runner for this data set whose requests also compute :meth:`clean`.
@@ -292,10 +315,22 @@ class RemoteExecutor:
 
     # -- internals
 
-    def _chunks(self, cells) -> list[list]:
+    def _requests(self, cells, submit_only: bool) -> Iterator[tuple[list, Any]]:
+        """The requests of ``cells``: chunks of ``cells_per_request``, each halved until it fits
+        the byte budget. Yields ``(cells of the request, predictions or its job id)``."""
         n_layers = self.model.n_layers
         items = [(tag, as_intervention(plan, n_layers), cama) for tag, plan, cama in cells]
-        return chunk_cells(items, self.cells_per_request)
+        chunks = chunk_cells(items, self.cells_per_request)
+        total = sum(len(c) for c in chunks)
+        first = 0
+        for chunk in chunks:
+            def send(part, start, offset=first):
+                label = range_label("cells", offset + start, len(part), total)
+                return self._evaluate([(iv, cama) for _, iv, cama in part], "cells", label,
+                                      submit_only)
+
+            yield from split_to_fit(chunk, send, "configuration")
+            first += len(chunk)
 
     def _take_clean(self, predictions: list) -> None:
         self._clean = self._assemble(torch.cat([p for p, _ in predictions]),
@@ -331,11 +366,10 @@ class RemoteExecutor:
         backend = self.client.backend(kind, label, key, cells=len(cells),
                                       traces=len(cells) * len(self._inputs),
                                       submit_only=submit_only)
-        cells_session(self.model.lm, self.model.sites, backend, cells, self._inputs)
+        result = cells_session(self.model.lm, self.model.sites, backend, cells, self._inputs)
         if submit_only:
             return backend.job_id
-        return self._assemble(backend.result["pred_ids"], backend.result["answer_logits"],
-                              len(cells))
+        return self._assemble(result["pred_ids"], result["answer_logits"], len(cells))
 
     def _assemble(self, pred_ids: torch.Tensor, answer_logits: torch.Tensor, n_cells: int
                   ) -> list[Predictions]:

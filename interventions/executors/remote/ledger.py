@@ -1,5 +1,10 @@
 """The request ledger: finished results and job ids of remote requests, on disk, so a rerun
-resumes instead of sending the same work again."""
+resumes instead of sending the same work again.
+
+Every write is atomic (a temporary file renamed into place, removed if the write is
+interrupted), and a result is on disk before the index says so: a Ctrl-C at any point leaves a
+ledger whose entries are all usable, and at worst one request is sent again.
+"""
 
 from __future__ import annotations
 
@@ -14,10 +19,12 @@ from ...errors import UserError
 class RequestLedger:
     """Results and job ids of remote requests, kept on disk so that a rerun resumes.
 
-    ``<directory>/requests.json`` maps a request key to its job id, state and encoding;
-    ``<directory>/<key>.result`` holds a finished result blob as received. Keys describe the
-    request's content (model, inputs, configurations, tables), so the same work maps to the same
-    key in a new process.
+    ``<directory>/requests.json`` maps a request key to its job id, state (``submitted``,
+    ``done``, or ``expired``: its result could no longer be downloaded, so it is submitted
+    again), encoding and ``expired_jobs`` (earlier job ids of the same request whose results
+    expired); ``<directory>/<key>.result`` holds a finished result blob as received. Keys describe
+    the request's content (model, inputs, configurations, tables), so the same work maps to the
+    same key in a new process.
     """
 
     def __init__(self, directory: str | os.PathLike):
@@ -31,11 +38,24 @@ class RequestLedger:
             raise UserError(f"{str(self.index_path)!r} is not a request ledger; remove it or "
                             "choose another ledger directory") from None
 
-    def _save(self) -> None:
+    def _write(self, path: Path, data: bytes) -> None:
+        """Replace ``path`` with ``data`` atomically; an interrupted write leaves no trace."""
         self.directory.mkdir(parents=True, exist_ok=True)
-        tmp = self.index_path.with_name(f".{self.index_path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(self.index, indent=1, sort_keys=True))
-        tmp.replace(self.index_path)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            tmp.write_bytes(data)
+            tmp.replace(path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+    def _save(self) -> None:
+        self._write(self.index_path, json.dumps(self.index, indent=1, sort_keys=True).encode())
+
+    def _history(self, key: str) -> dict:
+        """What an entry keeps across states: the jobs whose results expired."""
+        expired = self.index.get(key, {}).get("expired_jobs")
+        return {"expired_jobs": expired} if expired else {}
 
     def result(self, key: str) -> tuple[bytes, bool] | None:
         """``(content, compress)`` of a finished request, or ``None``."""
@@ -51,7 +71,18 @@ class RequestLedger:
 
     def submitted(self, key: str, job_id: str, label: str) -> None:
         self.index[key] = {"state": "submitted", "job_id": job_id, "label": label,
-                           "submitted": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+                           "submitted": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                           **self._history(key)}
+        self._save()
+
+    def expired(self, key: str) -> None:
+        """The submitted job's result can no longer be downloaded: keep its id in the entry's
+        ``expired_jobs`` and let the request be submitted again."""
+        entry = self.index.get(key)
+        if entry is None:
+            return
+        entry["expired_jobs"] = entry.get("expired_jobs", []) + [entry.get("job_id")]
+        entry["state"] = "expired"
         self._save()
 
     def forget(self, key: str) -> None:
@@ -61,12 +92,8 @@ class RequestLedger:
 
     def done(self, key: str, content: bytes, compress: bool, label: str,
              job_id: str | None) -> None:
-        self.directory.mkdir(parents=True, exist_ok=True)
-        path = self.directory / f"{key}.result"
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_bytes(content)
-        tmp.replace(path)
+        self._write(self.directory / f"{key}.result", content)
         self.index[key] = {"state": "done", "job_id": job_id, "label": label,
-                           "compress": compress, "bytes": len(content)}
+                           "compress": compress, "bytes": len(content), **self._history(key)}
         self._save()
 

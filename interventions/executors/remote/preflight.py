@@ -1,36 +1,25 @@
-"""Before anything is sent to NDIF: preflight checks and the dry-run plan.
+"""Before anything is sent to NDIF: preflight checks.
 
-Preflight answers three questions before expensive work, each with one clear message:
-is there an API key, does the client's nnsight match the server's, and is the model hosted and
+Preflight answers four questions before expensive work, each with one clear message: is there
+an API key, does the client's nnsight match the server's, does its transformers build layers
+the same way (same major.minor, unless ``--allow-version-drift``), and is the model hosted and
 running on NDIF (else: what is, and which hosted model is closest). The decision
 (:func:`preflight_decision`) is a pure function of :class:`NdifAnswers`, so it is tested with
-canned answers; :func:`fetch_ndif_answers` is the thin part that asks NDIF.
-
-The dry run (:func:`plan_remote_job`) builds every request the job would send, exactly as it
-would be sent (CAMA means replaced by zeros of the same shape and dtype, since the table does not
-exist yet), counts its bytes and sends nothing.
+canned answers; :func:`fetch_ndif_answers` is the thin part that asks NDIF. A dry run sends
+nothing, so without a key or a reachable NDIF its preflight reads "not checked".
 """
 
 from __future__ import annotations
 
+import contextlib
 import difflib
-import importlib.metadata
+import io
 import re
 from dataclasses import dataclass, field
 from typing import Sequence
 
-import torch
-from nnsight.schema.request import RequestModel
-from nnsight.tracing.backend import Backend
-
 from ...errors import UserError
-from ...mechanisms.cama import position_mean_keys, table_keys
-from ...mechanisms.plan import AF1Plan, Intervention, as_intervention
-from ...mechanisms.traced import CamaLayer
-from .audit import audit_request
-from .client import DEFAULT_CELLS_PER_REQUEST, format_bytes
-from .executor import cells_session, chunk_cells, residual_sums_session
-from .transport import encode_result
+from .transport import package_version
 
 KEY_URL = "https://login.ndif.us"
 STATUS_COMMAND = "python -c 'import nnsight; print(nnsight.status())'"
@@ -70,6 +59,8 @@ class PreflightResult:
     errors: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     deployment: dict | None = None
+    summary: str | None = None  # one line for the dry run
+    server_transformers: str | None = None  # for the self-check's message
 
     @property
     def ok(self) -> bool:
@@ -114,13 +105,14 @@ def closest_model(repo_id: str, candidates: Sequence[str]) -> str | None:
     return ranked[0] if ranked and score(ranked[0]) >= 0.6 else None
 
 
-def preflight_decision(repo_id: str, answers: NdifAnswers, revision: str | None = None
-                       ) -> PreflightResult:
+def preflight_decision(repo_id: str, answers: NdifAnswers, revision: str | None = None,
+                       allow_version_drift: bool = False) -> PreflightResult:
     """Decide whether ``repo_id`` can run on NDIF, from data only (no network).
 
     Checks, in order: API key; NDIF reachable; client nnsight == server nnsight (NDIF requires
-    it; torch/transformers differences are warnings); the model deployed, running and at the
-    requested revision.
+    it); the same transformers major.minor on both sides (an error unless
+    ``allow_version_drift``; other torch/transformers differences are warnings); the model
+    deployed, running and at the requested revision.
     """
     result = PreflightResult()
     if not answers.api_key_present:
@@ -146,9 +138,22 @@ def preflight_decision(repo_id: str, answers: NdifAnswers, revision: str | None 
                 f"them to match: `pip install nnsight=={server}` (this toolkit pins and is "
                 f"tested with {answers.client_version})")
         for name in ("torch", "transformers"):
-            local = _version(name)
+            local = package_version(name)
             remote = packages.get(name)
-            if remote is not None and local is not None and remote != local:
+            if remote is None or local is None or remote == local:
+                continue
+            if name == "transformers" and _major_minor(local) != _major_minor(remote):
+                drift = (f"transformers {local} here but {remote} on NDIF: another major.minor "
+                         "can build the model's layers differently (module tree, mask "
+                         "argument), so interventions resolved here may not do what they should")
+                if allow_version_drift:
+                    result.warnings.append(drift + " (--allow-version-drift: the self-check on "
+                                                   "arrival still guards them)")
+                else:
+                    result.errors.append(drift + f"; `pip install 'transformers=="
+                                                 f"{_major_minor(remote)}.*'`, or pass "
+                                                 "--allow-version-drift to run anyway")
+            else:
                 result.warnings.append(f"{name} {local} here, {remote} on NDIF (traces run with "
                                        "NDIF's)")
 
@@ -185,11 +190,9 @@ def preflight_decision(repo_id: str, answers: NdifAnswers, revision: str | None 
     return result
 
 
-def _version(name: str) -> str | None:
-    try:
-        return importlib.metadata.version(name)
-    except importlib.metadata.PackageNotFoundError:
-        return None
+def _major_minor(version: str) -> str:
+    """``"5.24.0"`` -> ``"5.24"``."""
+    return ".".join(version.split(".")[:2])
 
 
 def fetch_ndif_answers() -> NdifAnswers:
@@ -201,11 +204,13 @@ def fetch_ndif_answers() -> NdifAnswers:
     from nnsight.schema.config import CONFIG
 
     present = bool(CONFIG.API.APIKEY)
-    client = _version("nnsight") or "unknown"
+    client = package_version("nnsight") or "unknown"
     if not present:
         return NdifAnswers(False, client, None, None, CONFIG.API.HOST)
     errors = []
-    status = ndif.status(raw=True) or None  # nnsight answers {} when NDIF is unreachable
+    # nnsight answers {} when NDIF is unreachable, and prints a banner; the error says it once.
+    with contextlib.redirect_stderr(io.StringIO()):
+        status = ndif.status(raw=True) or None
     if status is None:
         errors.append("no answer to /status")
     try:
@@ -216,199 +221,25 @@ def fetch_ndif_answers() -> NdifAnswers:
     return NdifAnswers(True, client, env, status, CONFIG.API.HOST, "; ".join(errors) or None)
 
 
-def preflight(repo_id: str, revision: str | None = None,
-              answers: NdifAnswers | None = None) -> PreflightResult:
+def preflight(repo_id: str, revision: str | None = None, answers: NdifAnswers | None = None,
+              allow_version_drift: bool = False, dry_run: bool = False) -> PreflightResult:
     """Fetch NDIF's answers (unless given) and raise the first blocking problem as a
-    :class:`UserError`; returns the result (its ``warnings`` for the caller to print)."""
-    return preflight_decision(repo_id, answers or fetch_ndif_answers(), revision).check()
+    :class:`UserError`; returns the result (its ``warnings`` for the caller to print and its
+    ``summary`` for a dry run).
 
-
-# -- the dry run ---------------------------------------------------------------------------------
-
-
-@dataclass
-class PlannedTask:
-    """One task's share of a job, as the dry run needs it.
-
-    Attributes:
-        label: e.g. ``"A+B-calculate"``.
-        prompts: the data set's prompts.
-        cells: plans or interventions still to evaluate, in order.
-        cama_layers: layers of a CAMA table to build on NDIF (empty when the table is cached or
-            no cell needs one).
-        clean: whether the full model's predictions are needed. They ride on the CAMA request
-            when one is built (``RemoteExecutor.cama_runner``), else cost one request.
+    A dry run sends nothing, so it needs neither a key nor a reachable NDIF: then the result
+    is ``not checked`` with the reason, and no error.
     """
-
-    label: str
-    prompts: Sequence[str]
-    cells: Sequence[AF1Plan | Intervention] = ()
-    cama_layers: Sequence[int] = ()
-    clean: bool = True
-
-
-@dataclass
-class PlannedRequest:
-    kind: str
-    task: str
-    label: str
-    cells: int
-    traces: int
-    bytes_up: int
-    bytes_down: int
-    violations: list[str] = field(default_factory=list)
-
-
-@dataclass
-class RemotePlan:
-    """What a job would send. ``str(plan)`` is the printable ``--dry-run`` output."""
-
-    model: str
-    n_layers: int
-    dtype: str
-    batch_size: int
-    cells_per_request: int
-    requests: list[PlannedRequest]
-
-    @property
-    def bytes_up(self) -> int:
-        return sum(r.bytes_up for r in self.requests)
-
-    @property
-    def bytes_down(self) -> int:
-        return sum(r.bytes_down for r in self.requests)
-
-    def to_dict(self) -> dict:
-        return {"model": self.model, "n_requests": len(self.requests),
-                "n_cells": sum(r.cells for r in self.requests if r.kind == "cells"),
-                "n_traces": sum(r.traces for r in self.requests),
-                "bytes_up": self.bytes_up, "bytes_down": self.bytes_down,
-                "requests": [vars(r) for r in self.requests]}
-
-    def __str__(self) -> str:
-        head = (f"NDIF dry run: {self.model} ({self.n_layers} layers, {self.dtype}), batches of "
-                f"<= {self.batch_size} prompts, <= {self.cells_per_request} configurations per "
-                "request")
-        rows = [("#", "kind", "task", "what", "configs", "traces", "up", "down")]
-        for i, r in enumerate(self.requests, 1):
-            rows.append((str(i), r.kind, r.task, r.label, str(r.cells), str(r.traces),
-                         format_bytes(r.bytes_up), format_bytes(r.bytes_down)))
-        widths = [max(len(row[j]) for row in rows) for j in range(len(rows[0]))]
-        lines = [head] + ["  " + "  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip()
-                          for row in rows]
-        n_cells = sum(r.cells for r in self.requests if r.kind == "cells")
-        lines.append(f"total: {len(self.requests)} requests, {n_cells} configurations, "
-                     f"{sum(r.traces for r in self.requests)} forward passes, up "
-                     f"{format_bytes(self.bytes_up)}, down {format_bytes(self.bytes_down)}")
-        lines.append("bytes: each request serialized here as it would be sent (CAMA means as "
-                     "zeros of their shape), before zstd; downloads from the saved tensors' "
-                     "sizes")
-        violations = sorted({v for r in self.requests for v in r.violations})
-        if violations:
-            lines.append("server rules: these references would be refused: "
-                         + ", ".join(violations))
-        lines.append("nothing was sent")
-        return "\n".join(lines)
-
-
-class _Capture(Backend):
-    """Serializes the block as a request would carry it, and runs nothing."""
-
-    blob: bytes = b""
-
-    def __call__(self, tracer) -> None:
-        self.blob = RequestModel.serialize(tracer, compress=False)
-
-
-def _result_bytes(**shapes: tuple[tuple[int, ...], torch.dtype]) -> int:
-    """Bytes of a result blob holding tensors of these shapes: their data plus the container
-    (measured on empty tensors, so nothing large is built)."""
-    empty = {name: torch.zeros(0, dtype=dtype) for name, (_, dtype) in shapes.items()}
-    data = sum(torch.Size(shape).numel() * torch.zeros((), dtype=dtype).element_size()
-               for shape, dtype in shapes.values())
-    return len(encode_result(empty, compress=False)) + data
-
-
-def plan_remote_job(model, tasks: Sequence[PlannedTask], batch_size: int = 32,
-                    cells_per_request: int = DEFAULT_CELLS_PER_REQUEST,
-                    cama_batches_per_request: int | None = None) -> RemotePlan:
-    """The requests a remote job would send, with their sizes; sends nothing.
-
-    Requests are chunked exactly as :class:`RemoteExecutor` and the remote CAMA runner chunk
-    them. Each request is serialized here (so its upload size is the real one before
-    compression, to a few bytes of pickling bookkeeping, and it is checked against the server's
-    import rules); CAMA means, which do not exist before the table is built, travel as zeros of
-    their shape and the model's dtype. Downloads are the sizes of the tensors the request saves
-    plus the result container: ``(len(layers), K, D)`` float32 sums for a CAMA build (``K``:
-    the data set's CAMA keys), int32 ids and float32 answer logits per prompt and
-    configuration.
-    """
-    n_layers = model.n_layers
-    hidden = model.hf.config.get_text_config().hidden_size
-    dtype = getattr(torch, model.identity.dtype)
-    lm, sites = model.lm, model.sites
-    requests: list[PlannedRequest] = []
-    for task in tasks:
-        encoded = model.encode_batches(list(task.prompts), batch_size)
-        encodings = [enc for _, enc in encoded]
-        n_prompts = len(task.prompts)
-        answers = [torch.zeros(len(indices), dtype=torch.long) for indices, _ in encoded]
-        keys, _ = table_keys(encodings)
-        clean_pending = task.clean
-
-        def add(kind, label, cells, traces, capture, down):
-            requests.append(PlannedRequest(kind, task.label, label, cells, traces,
-                                           len(capture.blob), down,
-                                           audit_request(capture.blob).violations))
-
-        if task.cama_layers:
-            layers = sorted(int(k) for k in task.cama_layers)
-            size = cama_batches_per_request or len(encodings)
-            for start in range(0, len(encodings), size):
-                chunk = list(zip(encodings[start:start + size],
-                                 answers[start:start + size] if clean_pending else
-                                 [None] * len(encodings[start:start + size])))
-                capture = _Capture()
-                residual_sums_session(lm, sites, capture, chunk, layers, keys, hidden)
-                n = sum(len(enc["input_ids"]) for enc, _ in chunk)
-                shapes = {"residual_sums": ((len(layers), len(keys), hidden), torch.float32)}
-                if clean_pending:
-                    shapes.update(pred_ids=((n,), torch.int32),
-                                  answer_logits=((n,), torch.float32))
-                add("cama", f"CAMA sums, batches {start + 1}-{start + len(chunk)} of "
-                    f"{len(encodings)}", 0, len(chunk), capture, _result_bytes(**shapes))
-            clean_pending = False
-        batches = list(zip(encodings, answers))
-        if clean_pending:
-            capture = _Capture()
-            cells_session(lm, sites, capture, [(None, None)], batches)
-            add("clean", "full model", 1, len(batches), capture,
-                _result_bytes(pred_ids=((n_prompts,), torch.int32),
-                              answer_logits=((n_prompts,), torch.float32)))
-        items = [(None, as_intervention(c, n_layers), None) for c in task.cells]
-        placeholders: dict = {}
-        shared_keys = {"cama": keys, "position_mean": position_mean_keys(keys)[0]}
-        done = 0
-        for chunk in chunk_cells(items, cells_per_request):
-            cells = []
-            for _, intervention, _ in chunk:
-                cama = None
-                if intervention.needs_table:
-                    ident = (intervention.replacement, intervention.replace_layer)
-                    if ident not in placeholders:
-                        k = shared_keys[intervention.replacement]
-                        placeholders[ident] = CamaLayer(intervention.replace_layer, k,
-                                                        torch.zeros(len(k), hidden, dtype=dtype),
-                                                        intervention.replacement)
-                    cama = placeholders[ident]
-                cells.append((intervention, cama))
-            capture = _Capture()
-            cells_session(lm, sites, capture, cells, batches)
-            n = len(cells) * n_prompts
-            add("cells", f"cells {done + 1}-{done + len(cells)} of {len(items)}", len(cells),
-                len(cells) * len(batches), capture,
-                _result_bytes(pred_ids=((n,), torch.int32), answer_logits=((n,), torch.float32)))
-            done += len(cells)
-            placeholders.clear()  # each request uploads its own layers
-    return RemotePlan(model.identity.model_id, n_layers, model.identity.dtype, batch_size,
-                      cells_per_request, requests)
+    answers = answers or fetch_ndif_answers()
+    if dry_run and (not answers.api_key_present or
+                    (answers.status is None and answers.server_env is None)):
+        reason = "no NDIF API key" if not answers.api_key_present else \
+            f"NDIF unreachable at {answers.host}" + (f" ({answers.error})" if answers.error
+                                                     else "")
+        return PreflightResult(summary=f"not checked: {reason}")
+    result = preflight_decision(repo_id, answers, revision, allow_version_drift).check()
+    server = (answers.server_env or {}).get("packages", {})
+    result.server_transformers = server.get("transformers")
+    result.summary = (f"passed (NDIF runs {repo_id}; nnsight {server.get('nnsight', '?')}, "
+                      f"transformers {server.get('transformers', '?')} there)")
+    return result

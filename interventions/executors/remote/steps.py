@@ -1,0 +1,131 @@
+"""What runs on the server in each trace of a request and at its end (shipped by value).
+
+:func:`~.trace_site.run_traces` lists the traces with ``traces(state)``, calls
+``step(sites, state, extra)`` inside each and ``finish(state)`` once; the three make a kind of
+request. They use only torch and the traced
+mechanisms (``mechanisms/traced.py``), and this module is registered with nnsight, so NDIF,
+where this package is not installed, receives them by value. ``state`` is a dict that travels
+with the request and lives on the server while it runs.
+
+Shapes: ``B`` prompts in a batch, ``T`` tokens, ``D`` hidden size, ``K`` table keys.
+"""
+
+import sys
+
+import nnsight
+import torch
+from nnsight import save
+
+from ...mechanisms.traced import (accumulate_residuals, apply_intervention, apply_rules,
+                                  last_token_predictions, read_prompt, wait_replacement)
+
+# -- evaluation and the CAMA build -----------------------------------------------------------------
+
+
+def cell_traces(state):
+    """Every cell of ``state["cells"]`` (``(intervention or None, cama)``) on every batch of
+    ``state["batches"]`` (``(encoding, answers)``), cell-major: ``(encoding, (answers,
+    intervention, cama))`` for :func:`predictions_step`."""
+    return [(enc, (answers, intervention, cama))
+            for intervention, cama in state["cells"] for enc, answers in state["batches"]]
+
+
+def batch_traces(state):
+    """``state["batches"]`` as they are: ``(encoding, extra)``."""
+    return state["batches"]
+
+
+def predictions_step(sites, state, extra):
+    """One cell on the traced batch. ``extra``: ``(answers (B,), intervention or None, cama)``.
+
+    Appends the last position's argmax (int32) and the answer's logit (float32), ``(B,)`` each,
+    to ``state["pred_ids"]`` / ``state["answer_logits"]``.
+    """
+    answers, intervention, cama = extra
+    if intervention is not None:
+        apply_intervention(sites, intervention, cama)
+    ids, logits = last_token_predictions(sites, answers)
+    state["pred_ids"].append(ids.to(torch.int32))
+    state["answer_logits"].append(logits.float())
+
+
+def residual_sums_step(sites, state, extra):
+    """A clean trace adding each token's ``h_k`` into its key's float64 sum.
+
+    ``state``: ``layers`` (ascending ``k``), ``keys`` ``(K, 2)``, ``shape`` ``(len(layers), K, D)``;
+    the sums are made on the server at the first trace (never uploaded). ``extra``: the batch's
+    answers ``(B,)`` to also save the clean predictions, or ``None``.
+    """
+    if "sums" not in state:
+        state["sums"] = torch.zeros(state["shape"], dtype=torch.float64)
+    accumulate_residuals(sites, state["layers"], state["keys"], state["sums"])
+    if extra is not None:
+        ids, logits = last_token_predictions(sites, extra)
+        state["pred_ids"].append(ids.to(torch.int32))
+        state["answer_logits"].append(logits.float())
+
+
+def predictions_finish(state):
+    """The saved result: ``pred_ids``/``answer_logits`` concatenated in trace order, and
+    ``residual_sums`` ``(len(layers), K, D)`` float32 when the traces summed residuals."""
+    out = {}
+    if "sums" in state:
+        out["residual_sums"] = state["sums"].float()
+    if state["pred_ids"]:
+        out["pred_ids"] = torch.cat(state["pred_ids"])
+        out["answer_logits"] = torch.cat(state["answer_logits"])
+    return save(out)
+
+
+# -- the self-check on arrival ---------------------------------------------------------------------
+
+
+def self_check_step(sites, state, extra):
+    """One trace of the self-check (``selfcheck.py``); ``extra``: ``(kind, intervention, cama)``.
+
+    ``"clean"`` keeps ``h_0 .. h_w`` (``w = state["write_layer"]``) and the last position's
+    logits; ``"write"`` compares ``h_0 .. h_w`` before the CAMA write with the clean ones, writes
+    ``h_w`` and compares what layer ``w`` then receives with what it should: the CAMA row of each
+    non-sink real token (``state["expected_rows"]`` ``(B, T)``, ``-1`` elsewhere), the clean
+    state elsewhere. Any other kind applies its intervention and keeps the logits.
+    """
+    kind, intervention, cama = extra
+    layer = state["write_layer"]
+    if kind == "clean":
+        state["clean_states"] = [sites.layers[k].inputs[0][0].clone() for k in range(layer + 1)]
+    elif kind == "write":
+        input_ids, real, positions = read_prompt(sites)
+        before = [sites.layers[k].inputs[0][0] for k in range(layer + 1)]
+        state["before_write"] = torch.stack([(b - c).abs().max().float().cpu()
+                                             for b, c in zip(before, state["clean_states"])]).max()
+        apply_rules(sites, {}, layer, wait_replacement(intervention, cama, input_ids, real,
+                                                       positions), real)
+        written = sites.layers[layer].inputs[0][0]
+        clean = state["clean_states"][layer]
+        rows = state["expected_rows"].to(written.device)
+        replaced = (rows >= 0)[..., None]
+        means = cama.means.to(written.device, written.dtype)
+        expected = torch.where(replaced, means[rows.clamp(min=0)], clean)
+        state["write_error"] = (written - expected).abs().max().float().cpu()
+        state["write_change"] = torch.where(replaced, (written - clean).abs(),
+                                            torch.zeros_like(clean)).max().float().cpu()
+    else:
+        apply_intervention(sites, intervention, cama)
+    state["logits"][kind] = sites.root.output.logits[:, -1].clone()
+
+
+def self_check_finish(state):
+    """The saved result: maximal absolute differences, float32 scalars. ``all_allowed`` and
+    ``sink_self``: logits against the clean ones; ``before_write``: ``h_0 .. h_w`` against the
+    clean ones; ``write_error``: the written ``h_w`` against what it should be; ``write_change``:
+    the written ``h_w`` against the clean one at the replaced positions."""
+    clean = state["logits"]["clean"]
+    all_allowed = (state["logits"]["all_allowed"] - clean).abs().max().float().cpu()
+    sink_self = (state["logits"]["sink_self"] - clean).abs().max().float().cpu()
+    return save({"all_allowed": all_allowed, "sink_self": sink_self,
+                 "before_write": state["before_write"], "write_error": state["write_error"],
+                 "write_change": state["write_change"]})
+
+
+# NDIF does not have this package: ship these functions by value with every request.
+nnsight.register(sys.modules[__name__])

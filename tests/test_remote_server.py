@@ -1,0 +1,427 @@
+"""The server side of remote runs: NDIF's own request execution in a process of its own (equal to
+the local path), a server that never resets nnsight's source caches (one trace site, content-
+addressed file name), NDIF's rejections, the self-check on arrival, and the one home of
+nnsight's private names.
+"""
+
+import ast
+import copy
+import json
+import linecache
+import sys
+from pathlib import Path
+
+import cloudpickle
+import pytest
+import torch
+from conftest import wrap_tiny
+from nnsight import save
+from remote_helpers import (N_LAYERS, WorkerTransport, arithmetic, assert_same,  # noqa: F401
+                            assert_tables_close, data, intervention_of, llama, needs_ndif,
+                            quiet_client)
+
+import tiny
+from interventions import (AF1Plan, NnsightExecutor, UserError, apply_af1, build_cama_table,
+                           load_model)
+from interventions import nnsight_internals as internals
+from interventions.executors.remote import executor as remote_executor
+from interventions.executors.remote import selfcheck
+from interventions.executors.remote.client import RemoteRunError
+from interventions.executors.remote.executor import RemoteExecutor, load_remote_model
+from interventions.executors.remote.faults import deterministic_failure
+from interventions.executors.remote.selfcheck import run_self_check
+from interventions.executors.remote.steps import batch_traces
+from interventions.executors.remote.transport import LocalTransport
+from interventions.mechanisms.plan import Intervention
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def checkpoint(tmp_path, digit_tok):
+    """A tiny Llama on disk: the server loads it with weights, the client without."""
+    return tiny.save_tiny_model("llama", tmp_path / "model", digit_tok, "eager")
+
+
+def models(checkpoint):
+    """``(local model with weights, weightless client model)`` of one checkpoint."""
+    return (load_model(checkpoint, dtype="float32", device="cpu", attn_implementation="eager"),
+            load_remote_model(checkpoint, dtype="float32", attn_implementation="eager"))
+
+
+def cells_of(table):
+    plans = [AF1Plan(1, 2), AF1Plan(2, 1), AF1Plan(3, 1, sink=False),
+             AF1Plan(2, 2, wait_ablation="position_mean")]
+    cells = [(p, p, table.for_intervention(p.intervention(N_LAYERS))) for p in plans]
+    return cells + [("necessity", Intervention({1: ("sink_self", "all")}), None)]
+
+
+def assert_cells_equal(local, table, got, cells):
+    for tag, plan, _ in cells:
+        assert_same(local.run(plan, table.for_intervention(intervention_of(plan))), got[tag])
+
+
+def remote_job_equals_local(client, client_model, reference, prompts, answers):
+    """A CAMA build (carrying the clean predictions), then two requests of cells, through
+    ``client``, each equal to the local path on ``reference``. Returns the remote and local
+    executors and the local table."""
+    remote = RemoteExecutor(client_model, prompts, answers, batch_size=8, cells_per_request=4,
+                            client=client)
+    table = build_cama_table(client_model, prompts, "fp", [1, 2, 3], batch_size=8,
+                             progress=False, runner=remote.cama_runner())
+    expected = build_cama_table(reference, prompts, "fp", [1, 2, 3], batch_size=8,
+                                progress=False)
+    assert_tables_close(expected, table)
+    local = NnsightExecutor(reference, prompts, answers, batch_size=8)
+    assert_same(local.clean(), remote.clean())
+    cells = cells_of(table)
+    assert_cells_equal(local, expected, dict(remote.run_many(cells)), cells)
+    return remote, local, expected
+
+
+# -- NDIF's request execution in a process of its own --------------------------------------------
+
+
+@needs_ndif
+def test_a_request_runs_in_a_process_that_cannot_import_the_project(tmp_path, checkpoint,
+                                                                     digit_tok):
+    """Client: a weightless (meta) model. Server: another process running NDIF 0.1.2's own
+    request execution on the checkpoint. Predictions identical to the local path, CAMA tables
+    within float32 rounding."""
+    prompts, answers = arithmetic(digit_tok, n=20)
+    reference, client_model = models(checkpoint)
+    assert next(client_model.hf.parameters()).device.type == "meta"
+    transport = WorkerTransport(checkpoint, tmp_path / "worker", "eager", "float32")
+    try:
+        assert transport.ready == ["ready", "not-importable"]
+        client, _ = quiet_client(client_model, transport, max_retries=0)
+        remote_job_equals_local(client, client_model, reference, prompts, answers)
+        assert transport.sent == 3  # CAMA (+ clean), two chunks of cells
+    finally:
+        transport.close()
+
+
+# -- a server that never resets nnsight's source caches (older NDIF) -------------------------------
+
+
+def first_kind(lm, backend, enc):
+    with torch.no_grad(), lm.session(backend=backend):
+        with lm.trace(enc):
+            first = lm.lm_head.output[:, -1].argmax(-1).save()
+
+
+def second_kind(lm, backend, enc):
+    with torch.no_grad(), lm.session(backend=backend):
+        n = 0
+        with lm.trace(enc):
+            second = lm.lm_head.output[:, -1].argmax(-1).save()
+
+
+@needs_ndif
+def test_a_server_that_never_resets_its_source_cache_runs_every_request(tmp_path, checkpoint,
+                                                                        digit_tok):
+    prompts, answers = arithmetic(digit_tok, n=20)
+    reference, client_model = models(checkpoint)
+    transport = WorkerTransport(checkpoint, tmp_path / "worker", "eager", "float32",
+                                keep_source_cache=True)
+    try:
+        client, _ = quiet_client(client_model, transport, max_retries=0)
+        enc = client_model.encode(prompts[:2])
+        # Requests from two trace sites in one file (the toolkit's layout before): the second
+        # kind's nested trace is looked up in the first kind's cached source, and fails.
+        first_kind(client_model.lm, client.backend("probe", "first kind"), enc)
+        with pytest.raises(RemoteRunError, match="WithBlockNotFoundError"):
+            second_kind(client_model.lm, client.backend("probe", "second kind"), enc)
+
+        # From the one trace site, every kind of request runs, in any order, repeatedly.
+        assert run_self_check(client, client_model, prompts).passed
+        remote, local, expected = remote_job_equals_local(client, client_model, reference,
+                                                          prompts, answers)
+        cells = cells_of(expected)
+        again = build_cama_table(client_model, prompts, "fp", [2], batch_size=8,
+                                 progress=False, runner=remote.cama_runner())
+        assert_tables_close(build_cama_table(reference, prompts, "fp", [2], batch_size=8,
+                                             progress=False), again)
+        assert_cells_equal(local, expected, dict(remote.run_many(cells[:2])), cells[:2])
+        assert run_self_check(client, client_model, prompts).passed
+    finally:
+        transport.close()
+
+
+def tagged_step(sites, state, extra):
+    state["ids"].append(sites.root.output.logits[:, -1].argmax(-1) + extra)
+
+
+def tagged_finish(state):
+    return save({"ids": torch.cat(state["ids"])})
+
+
+@needs_ndif
+def test_a_content_addressed_trace_site_keeps_two_versions_apart(tmp_path, checkpoint,
+                                                                 digit_tok):
+    """Two versions of the trace site at the same installed path, on one never-resetting
+    server. Under the plain file name (as Python imports a module) the second version silently
+    runs the first one's nested block; under the content-addressed name each runs its own."""
+    prompts, _ = arithmetic(digit_tok, n=4)
+    reference, client_model = models(checkpoint)
+    enc = client_model.encode(prompts)
+    with torch.no_grad(), reference.lm.trace(enc):
+        truth = reference.lm.lm_head.output[:, -1].argmax(-1).save()
+    text = Path(remote_executor.__file__).with_name("trace_site.py").read_text()
+    line = "                    step(sites, state, extra)\n"
+    assert text.count(line) == 1
+    versions = [(text, truth), (text.replace(line, line.replace("extra)", "extra + 100)")),
+                                truth + 100)]
+    installed = tmp_path / "site-packages" / "trace_site.py"  # every install's same path
+    installed.parent.mkdir()
+
+    def plain(source):
+        """The trace site compiled under its file name, in a fresh client process."""
+        linecache.cache[str(installed)] = (len(source), None, source.splitlines(True),
+                                           str(installed))
+        internals.forget_sources()  # this client has read no earlier version
+        namespace = {}
+        exec(compile(source, str(installed), "exec"), namespace)
+        return namespace["run_traces"]
+
+    def hashed(source):
+        installed.write_text(source)
+        return remote_executor.load_trace_site(installed)
+
+    transport = WorkerTransport(checkpoint, tmp_path / "worker", "eager", "float32",
+                                keep_source_cache=True)
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the steps above ship by value
+    try:
+        client, _ = quiet_client(client_model, transport, max_retries=0)
+
+        def ids(run_traces):
+            saves = run_traces(client_model.lm, client_model.sites,
+                               client.backend("probe", "trace site"), batch_traces, tagged_step,
+                               tagged_finish, {"batches": [(enc, 0)], "ids": []})
+            return saves["result"]["ids"]
+
+        (v1, want1), (v2, want2) = versions
+        assert torch.equal(ids(plain(v1)), want1)
+        assert torch.equal(ids(plain(v2)), want1)  # silently the first version's block
+        assert torch.equal(ids(hashed(v1)), want1)
+        assert torch.equal(ids(hashed(v2)), want2)
+    finally:
+        cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
+        internals.forget_sources()
+        transport.close()
+
+
+# -- NDIF's rejections ------------------------------------------------------------------------------
+
+
+@needs_ndif
+def test_ndifs_own_rejections_are_not_retried():
+    from ndif.common.errors import ArchitectureMismatchError, PayloadError
+    from nnsight.intervention.backends.remote import RemoteError
+
+    payload = RemoteError(str(PayloadError(ModuleNotFoundError("No module named 'helper'"))))
+    assert deterministic_failure(payload) == (
+        "payload", "Your request payload could not be read (ModuleNotFoundError: No module "
+                   "named 'helper')")
+    architecture = RemoteError(str(ArchitectureMismatchError("model.layers.3")))
+    kind, cause = deterministic_failure(architecture)
+    assert kind == "architecture" and cause.endswith("it has no module at 'model.layers.3'.")
+
+
+@needs_ndif
+def test_a_server_model_with_other_modules_fails_the_self_check_with_its_cause(llama, data,
+                                                                               digit_tok):
+    server = wrap_tiny("llama", digit_tok, "sdpa", n_layers=N_LAYERS - 1)
+    client, sleeps = quiet_client(llama, LocalTransport.for_model(server))
+    check = run_self_check(client, llama, data[0])
+    assert not check.passed and check.compared == [] and sleeps == []
+    with pytest.raises(UserError) as raised:
+        check.check()
+    message = str(raised.value)
+    assert "\n" not in message and message.startswith("the remote self-check failed: its "
+                                                      "request could not run")
+    assert "other modules than this client's" in message and "model.layers.3" in message
+    assert "likely cause: the server's transformers builds the decoder layers differently" \
+        in message
+
+
+# -- NDIF's sandbox: the block in a runner process, the forward here ----------------------------
+
+# A runner's interpreter: python that cannot import the project (runs ``-m <module> args``).
+SANDBOX_RUNNER = """import importlib.abc, runpy, sys
+class Refuse(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in {roots}:
+            raise ModuleNotFoundError(f"No module named {{name!r}} (not on the server)")
+sys.meta_path.insert(0, Refuse())
+module = sys.argv[2]
+sys.argv = [module] + sys.argv[3:]
+runpy.run_module(module, run_name="__main__", alter_sys=True)
+"""
+
+
+class SandboxTransport:
+    """NDIF 0.1.2's sandbox path (``host.spawn`` + ``SandboxDriver.pump``, what its sandbox
+    deployment runs for untrusted requests): a runner process, which cannot import the project,
+    deserializes and runs the block against a weightless model; the forward runs here on
+    ``lm``, interleaved over a socket. The runner's interleaver has no batcher."""
+
+    name, host = "ndif-sandbox", None
+
+    def __init__(self, lm, directory):
+        from remote_worker import PROJECT
+
+        self.lm = lm
+        runner = Path(directory) / "runner.py"
+        runner.write_text(SANDBOX_RUNNER.format(roots=json.dumps(sorted(PROJECT))))
+        self.python = Path(directory) / "python-without-the-project"
+        self.python.write_text(f'#!/bin/sh\nexec "{sys.executable}" "{runner}" "$@"\n')
+        self.python.chmod(0o755)
+
+    def send(self, blob, compress):
+        import zstandard
+        from ndif.services.ray.sandbox.driver import SandboxDriver
+        from ndif.services.ray.sandbox.host import spawn
+
+        box = spawn(python=str(self.python), quiet=True, timeout=300)
+        connection = box.connection()
+        try:
+            connection.send((blob, compress, str(torch.float32), None, {}))
+            content, _ = SandboxDriver(self.lm, torch.float32).pump(connection)
+        finally:
+            connection.close()
+            box.stop()
+        return (zstandard.ZstdCompressor(level=3).compress(content) if compress else content), \
+            None
+
+
+def two_invokes(lm, sites, backend, first, second, plan):
+    with torch.no_grad(), lm.trace(backend=backend) as tracer:
+        with tracer.invoke(first):
+            apply_af1(sites, plan)
+            logits_first = lm.lm_head.output[:, -1].save()
+        with tracer.invoke(second):
+            apply_af1(sites, plan)
+            logits_second = lm.lm_head.output[:, -1].save()
+    return backend.result
+
+
+@needs_ndif
+def test_several_invokes_keep_their_own_masks_in_ndifs_sandbox(tmp_path, llama, digit_tok):
+    """Two invokes of equal length under sdpa (the model passes no mask, so each invoke's rows
+    are found from the running mediators): in the sandbox, where the interleaver has no batcher,
+    each invoke's logits equal its own trace's."""
+    first = digit_tok(["Calculate: 3+4=", "Calculate: 7+1="], return_tensors="pt")
+    second = digit_tok(["Calculate: 5+2=", "Calculate: 2+2="], return_tensors="pt")
+    plan = AF1Plan(0, 2)
+
+    def alone(enc):
+        with torch.no_grad(), llama.lm.trace(enc):
+            apply_af1(llama.sites, plan)
+            logits = llama.lm.lm_head.output[:, -1].save()
+        return logits
+
+    client, _ = quiet_client(llama, SandboxTransport(llama.lm, tmp_path), max_retries=0)
+    got = two_invokes(llama.lm, llama.sites, client.backend("probe", "two invokes"), first,
+                      second, plan)
+    # the same float32 ops on the same rows; batching two invokes may reorder reductions
+    torch.testing.assert_close(got["logits_first"], alone(first), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got["logits_second"], alone(second), rtol=1e-5, atol=1e-5)
+
+
+# -- the self-check on arrival ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch,attn", [("llama", "sdpa"), ("gpt2", "eager"),
+                                       ("gpt_neox", "sdpa"), ("qwen2", "eager"),
+                                       ("gptj", "eager")])
+def test_the_self_check_passes_where_the_interventions_work(arch, attn, digit_tok):
+    model = wrap_tiny(arch, digit_tok, attn)
+    prompts, _ = arithmetic(digit_tok)
+    client, _ = quiet_client(model, LocalTransport.for_model(model))
+    check = run_self_check(client, model, prompts)
+    assert check.passed and check.check() is check
+    values = {c["check"]: c["value"] for c in check.compared}
+    assert values["all_allowed"] == values["before_write"] == values["write_error"] == 0.0
+    assert values["sink_self"] > 0 and values["write_change"] > 0
+    record = check.to_dict()
+    assert record["write_layer"] == N_LAYERS // 2 and record["n_prompts"] == 2
+    assert [r.kind for r in client.stats.requests] == ["selfcheck"]
+
+
+def test_the_self_check_catches_a_mask_slot_the_layers_ignore(llama, data):
+    """A mask put where the server's layers do not read it leaves the logits unchanged."""
+    from interventions.mechanisms.traced import ModelSites
+
+    sites = llama.sites
+    model = copy.copy(llama)  # the slot as a client with another transformers might resolve it
+    model.sites = ModelSites(sites.root, sites.layers, None, "not_the_mask",
+                             sites.attn_implementation)
+    client, _ = quiet_client(model, LocalTransport.for_model(llama))
+    check = run_self_check(client, model, data[0], server_transformers="9.9.9")
+    failed = [c["check"] for c in check.compared if not c["passed"]]
+    assert not check.passed and failed == ["sink_self"]
+    with pytest.raises(UserError, match=r"a sink-and-self mask at every layer changes the logits "
+                                        r"does not hold \(sink_self = 0, expected > 0\); likely "
+                                        r"cause: the attention-mask slot resolved on the client "
+                                        r"\(argument None or keyword 'not_the_mask'\)"):
+        check.check()
+    with pytest.raises(UserError, match=r"transformers \S+ here, 9\.9\.9 on the server"):
+        check.check()
+
+
+def test_the_self_check_catches_a_write_that_lands_elsewhere(monkeypatch, llama, data):
+    """Were the table rows of the written positions other than expected (here: counted from
+    the padding instead of the first real token), the comparison fails."""
+    rows_of = selfcheck._expected_rows
+
+    def shifted(encoding, keys):
+        rows = rows_of(encoding, keys)
+        return torch.roll(rows, 1, dims=1)
+
+    monkeypatch.setattr(selfcheck, "_expected_rows", shifted)
+    client, _ = quiet_client(llama, LocalTransport.for_model(llama))
+    check = run_self_check(client, llama, data[0])
+    assert [c["check"] for c in check.compared if not c["passed"]] == ["write_error"]
+    with pytest.raises(UserError, match="layer w receives the CAMA row of every non-sink token "
+                                        ".*likely cause: the server's transformers builds the "
+                                        "decoder layers differently"):
+        check.check()
+
+
+# -- nnsight's private names have one home ---------------------------------------------------------
+
+# Names nnsight does not export that the remote path once used (issue 11 keeps them in
+# interventions/nnsight_internals.py): attributes, module-level names, and where they come from.
+PRIVATE_ATTRIBUTES = {"_hide_local_modules", "_saves", "_module", "current"}
+PRIVATE_NAMES = {"SOURCES", "BLOCKS", "_saves", "Mediator"}
+PRIVATE_IMPORTS = {("nnsight.tracing.tracer", "inc"), ("nnsight.tracing.tracer", "dec"),
+                   ("nnsight.tracing.tracer", "_saves"), ("nnsight.tracing.globals", "*")}
+
+
+def private_uses(path: Path) -> list[str]:
+    """``"line: what"`` for every use of an nnsight private name in a Python file (code only:
+    comments and strings do not count)."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Attribute) and (node.attr in PRIVATE_ATTRIBUTES or
+                                                node.attr.startswith("_remoteable_")):
+            found.append(f"{node.lineno}: .{node.attr}")
+        elif isinstance(node, ast.Name) and node.id in PRIVATE_NAMES:
+            found.append(f"{node.lineno}: {node.id}")
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            for alias in node.names:
+                if {(node.module, alias.name), (node.module, "*")} & PRIVATE_IMPORTS:
+                    found.append(f"{node.lineno}: from {node.module} import {alias.name}")
+    return found
+
+
+def test_nnsights_private_names_are_used_only_in_nnsight_internals():
+    home = ROOT / "interventions" / "nnsight_internals.py"
+    files = sorted((ROOT / "interventions").rglob("*.py")) + sorted((ROOT / "tests").glob("*.py"))
+    elsewhere = {str(f.relative_to(ROOT)): private_uses(f) for f in files if f != home}
+    assert {f: uses for f, uses in elsewhere.items() if uses} == {}
+    at_home = " ".join(private_uses(home))
+    for name in (".current", "._module", "._remoteable_persistent_objects", "SOURCES",
+                 "import _saves", "import inc"):
+        assert name in at_home  # the scan sees them where they are
