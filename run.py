@@ -43,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
             "  python run.py --experiments all\n"
             "  python run.py --l-wait 10-25 --l-transfer 2 --tasks A+B,A-B\n"
             "  python run.py --model ./my-llama-dir --template 'Q: {A} plus {B} is' --out runs/q\n"
+            "  python run.py --tasks capitals,ioi --out runs/recall\n"
+            "  python run.py --dataset my_task.jsonl --experiments sweep,necessity\n"
             "  python run.py --model meta-llama/Meta-Llama-3-8B --remote"),
     )
     model = parser.add_argument_group("model")
@@ -88,9 +90,24 @@ def build_parser() -> argparse.ArgumentParser:
                              "than this client's (the self-check on arrival still runs)")
 
     data = parser.add_argument_group("tasks")
-    data.add_argument("--tasks", default="A+B",
-                      help="comma-separated operator forms: A+B, A-B, A+B+C, A+B-C, A-B+C, A-B-C "
-                           "(default A+B)")
+    data.add_argument("--tasks", default=None,
+                      help="comma-separated tasks: the operator forms A+B, A-B, A+B+C, A+B-C, "
+                           "A-B+C, A-B-C, and the built-in non-arithmetic families capitals "
+                           "(factual recall: 'The capital of {country} is') and ioi (name "
+                           "copying: 'When Mary and John went to the store, John gave a book "
+                           "to') (default A+B, or none with --dataset)")
+    data.add_argument("--dataset", default=None, metavar="PATH_OR_HUB_ID",
+                      help="your own task: a data set with a prompt and an answer column (a "
+                           "save_to_disk directory, a .parquet/.csv/.jsonl file, or a Hub id); "
+                           "every experiment but styles/three_operand runs on it. A 'template' "
+                           "column groups the CAMA means by template")
+    data.add_argument("--prompt-column", default="prompt",
+                      help="--dataset's prompt column (default prompt)")
+    data.add_argument("--answer-column", default="answer",
+                      help="--dataset's answer column: the text that follows the prompt "
+                           "(default answer)")
+    data.add_argument("--split", default="train",
+                      help="--dataset's split, where it has several (default train)")
     data.add_argument("--style", default="calculate",
                       help="input style: calculate (default), symbolic, words, question, "
                            "instruction, story, code")
@@ -159,11 +176,16 @@ def main(argv: list[str] | None = None) -> int:
             if not (lo.isdigit() and hi.isdigit()):
                 raise UserError(f"--operand-range takes LO-HI, got {args.operand_range!r}")
             operand_range = (int(lo), int(hi))
+        if args.tasks is not None:
+            tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+        else:
+            tasks = [] if args.dataset else ["A+B"]
         cfg = JobConfig(
             model=args.model, experiments=args.experiments, threshold=args.threshold,
             threshold_on=args.threshold_on,
             af1_config=args.af1_config, executor=args.executor,
-            tasks=[t.strip() for t in args.tasks.split(",") if t.strip()],
+            tasks=tasks, dataset=args.dataset, prompt_column=args.prompt_column,
+            answer_column=args.answer_column, split=args.split,
             style=args.style, template=args.template, l_wait=args.l_wait,
             l_transfer=args.l_transfer, n_prompts=args.n_prompts, seed=args.seed,
             operand_range=operand_range, answer=args.answer, out=args.out,

@@ -98,10 +98,26 @@ class _Context:
         rule = saved.get("threshold_on", self.config.get("threshold_on", "point"))
         return af1_search(sweep, threshold, rule)
 
+    def task_entry(self, task: str, style: str) -> dict:
+        """The manifest's record of a task in this setting (else in any)."""
+        return (self.tasks_info.get(self.name(task, style))
+                or self.tasks_info.get(f"{task}-{style}", {}))
+
     def template(self, task: str, style: str) -> str:
-        entry = (self.tasks_info.get(self.name(task, style))
-                 or self.tasks_info.get(f"{task}-{style}", {}))
-        return entry.get("template", style)
+        return self.task_entry(task, style).get("template") or style
+
+    def cama_note(self, task: str, style: str) -> str:
+        """How many prompts the task's CAMA means average over (``""`` if not recorded)."""
+        entry = self.task_entry(task, style)
+        keys = entry.get("cama_keys")
+        if not keys:
+            return ""
+        by = {"template": "template and token length"}.get(entry.get("cama_groups"),
+                                                          "token length")
+        return (f"CAMA keys: {keys['n_keys']} (prompts grouped by {by}); prompts per key: "
+                f"smallest {keys['prompts_per_key_min']}, median "
+                f"{keys['prompts_per_key_median']:g}; "
+                f"{keys.get('keys_of_one_prompt_share', 0):.0%} of keys average one prompt.")
 
     def outcomes(self, task: str, style: str) -> dict | None:
         """The saved data set's answers and the full model's correctness in this setting
@@ -185,6 +201,9 @@ def render_all(results_dir: str | Path, out: str | Path | None = None,
             common + " Bands: 95% Wilson intervals.", search.get("threshold"))
         if search:
             tables.append(_search_table(label, search, sweep, ctx))
+            note = ctx.cama_note(task, style)
+            if note:
+                tables.append(note + "\n")
 
     for task, style, fp in _datasets(rows, "necessity"):
         label = f"{task}-{style}"

@@ -1,4 +1,6 @@
-"""Mental-math tasks for AF1: tokenizer-aware prompt data sets with stable fingerprints.
+"""Tasks for AF1 as tokenizer-aware prompt data sets with stable fingerprints: mental math
+(:mod:`tasks.arithmetic`), the built-in non-arithmetic families (:mod:`tasks.families`) and any
+data set of prompts and answers (:mod:`tasks.records`).
 
 Typical use::
 
@@ -11,6 +13,9 @@ Typical use::
     # teacher-forced token by token:
     expanded = expand_answer_prefixes(build_task(tokenizer, "A+B", operand_range=(10, 99)).dataset,
                                       tokenizer)
+    # Beyond arithmetic: a built-in family, or your own prompts and answers.
+    capitals = build_family(tokenizer, "capitals")
+    mine = build_dataset_task(tokenizer, "my_task.jsonl")  # columns prompt, answer (, template)
 """
 
 from .answers import expand_answer_prefixes
@@ -25,9 +30,17 @@ from .arithmetic import (
     number_mode,
     template_for,
 )
+from .families import FAMILIES, build_family
+from .records import build_dataset_task, build_from_records, cama_groups, read_dataset
 from .store import COLUMNS, load_task, save_task, task_fingerprint, task_metadata, tokenizer_identity
 
 __all__ = [
+    "FAMILIES",
+    "build_dataset_task",
+    "build_family",
+    "build_from_records",
+    "cama_groups",
+    "read_dataset",
     "ANSWER_TOKENS",
     "COLUMNS",
     "DEFAULT_STYLE",

@@ -10,7 +10,6 @@ returns a :class:`datasets.Dataset` with a build record (see :mod:`tasks.store`)
 
 from __future__ import annotations
 
-import json
 import string
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -18,10 +17,8 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import datasets
 import numpy as np
-import pyarrow as pa
-from datasets.table import InMemoryTable
 
-from .store import FEATURES, METADATA_FORMAT, task_fingerprint, tokenizer_identity
+from .store import METADATA_FORMAT, make_dataset, task_fingerprint, tokenizer_identity
 from .tokens import (Encoder, bos_prefix, check_answers, check_bos_first, encoder,
                      move_whitespace, sink_tokens)
 
@@ -191,8 +188,10 @@ class TaskBuild:
         n_dropped: candidates whose answer breaks the answer-token rule (with
             ``answer_tokens="single"``: whose answer is not a single token).
         n_sampled_out: kept prompts left out by ``n_prompts`` sampling.
-        operand_range: inclusive (lo, hi) the operands were drawn from.
-        task, style, template: what was built (``style`` is ``"custom"`` for a user template).
+        operand_range: inclusive (lo, hi) the operands were drawn from (``None`` for tasks
+            that have none: :mod:`tasks.records`).
+        task, style, template: what was built (``style`` is ``"custom"`` for a user template;
+            ``template`` is ``None`` for a data set of several templates or none).
         answer_tokens: ``"single"`` (only single-token answers kept) or ``"any"``.
         bos_prepended: the tokenizer's BOS text was put before every prompt so that the sink is
             one token (see :func:`tasks.tokens.bos_prefix`).
@@ -202,10 +201,10 @@ class TaskBuild:
     n_candidates: int
     n_dropped: int
     n_sampled_out: int
-    operand_range: tuple[int, int]
+    operand_range: tuple[int, int] | None
     task: str
     style: str
-    template: str
+    template: str | None
     answer_tokens: str = "single"
     bos_prepended: bool = False
 
@@ -219,11 +218,12 @@ class TaskBuild:
 
     def summary(self) -> str:
         """One line, e.g. ``A+B/calculate: 36 prompts (81 candidates, 45 dropped: ...)``."""
-        lo, hi = self.operand_range
         why = ("answer not a single token" if self.answer_tokens == "single"
                else "answer does not tokenize apart from the prompt")
-        text = (f"{self.task}/{self.style}: {self.n_prompts} prompts, operands {lo}..{hi} "
-                f"({self.n_candidates} candidates, {self.n_dropped} dropped: {why}")
+        text = f"{self.task}/{self.style}: {self.n_prompts} prompts"
+        if self.operand_range is not None:
+            text += ", operands {}..{}".format(*self.operand_range)
+        text += f" ({self.n_candidates} candidates, {self.n_dropped} dropped: {why}"
         if self.n_sampled_out:
             text += f", {self.n_sampled_out} sampled out by n_prompts"
         text += ")"
@@ -277,12 +277,13 @@ def _final_texts(template: str, operands: np.ndarray, results: np.ndarray,
             zip(_format_prompts(template, operands), results.tolist(), moved.tolist())]
 
 
-def _sample(n_kept: int, n_prompts: int | None, seed: int) -> np.ndarray:
-    """Indices of the kept rows to use: all, or a seeded sample kept in enumeration order."""
+def sample_rows(n_kept: int, n_prompts: int | None, seed: int) -> np.ndarray:
+    """Indices of the kept rows to use: all, or a seeded sample (``numpy`` ``default_rng(seed)``)
+    kept in their original order."""
     if n_prompts is None or n_prompts >= n_kept:
         return np.arange(n_kept)
     chosen = np.random.default_rng(seed).choice(n_kept, size=n_prompts, replace=False)
-    return np.sort(chosen)  # enumeration order is lexicographic in the operands
+    return np.sort(chosen)  # for arithmetic, enumeration order is lexicographic in the operands
 
 
 @dataclass(frozen=True)
@@ -306,7 +307,7 @@ def _select_exact(encode: Encoder, template: str, operands: np.ndarray, results:
     check = check_answers(encode, _format_prompts(template, operands),
                           [str(r) for r in results.tolist()], max_answer_tokens)
     kept = np.flatnonzero(check.ok)
-    chosen = kept[_sample(len(kept), n_prompts, seed)]
+    chosen = kept[sample_rows(len(kept), n_prompts, seed)]
     return _Selection(len(kept), chosen, check.moved[chosen],
                       [check.prompt_ids[i] for i in chosen], [check.answer_ids[i] for i in chosen])
 
@@ -327,7 +328,7 @@ def _select_sampled(encode: Encoder, template: str, slot_order: Sequence[str], o
     reps = check_answers(encode, _format_prompts(template, operands[first]),
                          [str(r) for r in results[first].tolist()], max_answer_tokens)
     kept = np.flatnonzero(reps.ok[inverse])
-    chosen = kept[_sample(len(kept), n_prompts, seed)]
+    chosen = kept[sample_rows(len(kept), n_prompts, seed)]
     moved = reps.moved[inverse[chosen]]
     expected = [reps.answer_ids[j] for j in inverse[chosen]]
     final = _final_texts(template, operands[chosen], results[chosen], moved)
@@ -494,10 +495,7 @@ def build_task(
         "n_tokens": np.array([len(ids) for ids in selection.prompt_ids], dtype=np.int64),
         "input_ids": selection.prompt_ids,
     }
-    info = datasets.DatasetInfo(description=json.dumps(record, sort_keys=True), features=FEATURES)
-    # Straight to Arrow: Dataset.from_dict with features encodes row by row in Python (~6 s/M rows).
-    table = pa.table({name: columns[name] for name in FEATURES}, schema=FEATURES.arrow_schema)
-    dataset = datasets.Dataset(InMemoryTable(table), info=info)
+    dataset = make_dataset(columns, record)
     return TaskBuild(dataset=dataset, n_candidates=int(n_candidates), n_dropped=int(n_dropped),
                      n_sampled_out=int(n_sampled_out), operand_range=(lo, hi), task=task,
                      style=style_name, template=template, answer_tokens=answer_tokens,

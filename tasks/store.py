@@ -16,6 +16,8 @@ from typing import Any
 
 import datasets
 import numpy as np
+import pyarrow as pa
+from datasets.table import InMemoryTable
 
 # The columns of a task data set, in the order the fingerprint hashes them.
 # ``answer_token_id`` is the answer's first token (the one scored by default), ``answer_token_ids``
@@ -70,6 +72,15 @@ def tokenizer_identity(tokenizer: Any) -> dict[str, Any]:
         "sha256": hashlib.sha256(blob.encode("utf-8")).hexdigest(),
         "hash_source": source,
     }
+
+
+def make_dataset(columns: dict[str, Any], record: dict[str, Any]) -> datasets.Dataset:
+    """A task data set from its :data:`COLUMNS` (lists or arrays, one entry per row) and its
+    build record (stored as JSON in ``info.description``)."""
+    info = datasets.DatasetInfo(description=json.dumps(record, sort_keys=True), features=FEATURES)
+    # Straight to Arrow: Dataset.from_dict with features encodes row by row in Python (~6 s/M rows).
+    table = pa.table({name: columns[name] for name in FEATURES}, schema=FEATURES.arrow_schema)
+    return datasets.Dataset(InMemoryTable(table), info=info)
 
 
 def task_metadata(dataset: datasets.Dataset) -> dict[str, Any]:

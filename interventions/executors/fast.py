@@ -96,8 +96,10 @@ class _Batch:
             use).
     """
 
-    def __init__(self, indices: list[int], encoding: dict, device: torch.device):
+    def __init__(self, indices: list[int], encoding: dict, device: torch.device,
+                 groups: torch.Tensor | None = None):
         self.indices = torch.tensor(indices, dtype=torch.long)
+        self.groups = None if groups is None else groups[self.indices].to(device)
         self.input_ids = encoding["input_ids"].to(device)
         self.real = encoding["attention_mask"].to(device).bool()
         self.positions = encoding["position_ids"].to(device)
@@ -198,6 +200,7 @@ class FastExecutor:
         batch_size: prompts per all-position forward pass (prompts are sorted by token length
             and cut into batches, left padded where lengths differ); a last-token layer call
             takes up to ``batch_size x longest prompt`` rows.
+        groups: ``(N,)`` CAMA group of each prompt (see :class:`NnsightExecutor`).
 
     Attributes:
         fallback_reason: ``None``, or why every call goes to the reference executor instead.
@@ -207,7 +210,7 @@ class FastExecutor:
     name = "fast"
 
     def __init__(self, model, prompts: Sequence[str], answer_ids: Sequence[int],
-                 batch_size: int = 32):
+                 batch_size: int = 32, groups: Sequence[int] | None = None):
         if batch_size < 1:
             raise UserError(f"batch size must be >= 1, got {batch_size}")
         if model.hf.training:
@@ -235,15 +238,16 @@ class FastExecutor:
                 f"the rotary embedding changes its frequencies for prompts longer than {limit} "
                 f"tokens (the longest here has {max(lengths)}), so a token run alone would not "
                 f"get the rotary it gets in its prompt")
-            self._reference = NnsightExecutor(model, prompts, answer_ids, batch_size)
+            self._reference = NnsightExecutor(model, prompts, answer_ids, batch_size, groups)
             self.name = self._reference.name
             return
         order = sorted(range(self.n_prompts), key=lambda i: (lengths[i], i))
+        groups = None if groups is None else torch.as_tensor(np.asarray(groups))
         self.batches = []
         for first in range(0, self.n_prompts, batch_size):
             indices = order[first:first + batch_size]
             encoding = model.encode([prompts[i] for i in indices])
-            self.batches.append(_Batch(indices, encoding, self.device))
+            self.batches.append(_Batch(indices, encoding, self.device, groups))
         self.rows_per_call = batch_size * max(lengths)
 
     # -- the executor interface ------------------------------------------------------------
@@ -377,7 +381,7 @@ class FastExecutor:
             return self.adapter.embed(self.hf, batch.input_ids, batch.positions)
         intervention = Intervention({}, group.start, group.replacement)
         values, where = wait_replacement(intervention, group.cama, batch.input_ids, batch.real,
-                                         batch.positions)
+                                         batch.positions, batch.groups)
         h = torch.zeros(*batch.input_ids.shape, self._sink_states.shape[-1], dtype=self.dtype,
                         device=self.device)
         h[batch.rows, batch.sink_col] = self._sink_states[sinks, group.start]

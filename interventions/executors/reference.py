@@ -25,15 +25,18 @@ class NnsightExecutor:
         model: an :class:`interventions.AF1Model`.
         prompts: the data set's prompts; answer_ids: their answer token ids.
         batch_size: prompts per forward pass (batches hold prompts of equal token length).
+        groups: ``(N,)`` CAMA group of each prompt, for a table built with groups (a data set
+            of several templates, :func:`tasks.cama_groups`); ``None``: one group.
     """
 
     name = "nnsight"
 
     def __init__(self, model, prompts: Sequence[str], answer_ids: Sequence[int],
-                 batch_size: int = 32):
+                 batch_size: int = 32, groups: Sequence[int] | None = None):
         self.model = model
         self.n_prompts = len(prompts)
         self.answer_ids = torch.as_tensor(np.asarray(answer_ids), dtype=torch.long)
+        self.groups = None if groups is None else torch.as_tensor(np.asarray(groups))
         self.batches = model.encode_batches(prompts, batch_size)
 
     def _run(self, intervention: Intervention | None, cama: CamaLayer | None) -> Predictions:
@@ -43,9 +46,10 @@ class NnsightExecutor:
         with torch.no_grad():
             for indices, enc in self.batches:
                 answers = self.answer_ids[indices]
+                groups = None if self.groups is None else self.groups[indices]
                 with lm.trace(enc):
                     if intervention is not None:
-                        apply_intervention(sites, intervention, cama)
+                        apply_intervention(sites, intervention, cama, groups)
                     ids, ans = last_token_predictions(sites, answers)
                     ids = ids.save()
                     ans = ans.save()

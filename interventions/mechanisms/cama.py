@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from ..errors import UserError
-from .traced import (KEY_COLUMNS, KEY_LENGTH, KEY_POSITION, KEY_TOKEN, CamaLayer,
+from .traced import (KEY_COLUMNS, KEY_GROUP, KEY_LENGTH, KEY_POSITION, KEY_TOKEN, CamaLayer,
                      accumulate_residuals, prompt_layout, token_keys)
 
 # v1 keyed (position, token) only and mixed prompts of different lengths; v2 adds length, group.
@@ -206,9 +206,26 @@ def key_statistics(keys: torch.Tensor, counts: torch.Tensor) -> dict:
     for length, count in zip(keys[sink, KEY_LENGTH].tolist(), counts[sink].tolist()):
         per_length[str(length)] = per_length.get(str(length), 0) + count
     return {"key_layout": list(KEY_COLUMNS), "n_keys": len(keys),
+            "n_groups": len(keys[:, KEY_GROUP].unique()) if len(keys) else 0,
             "prompts_per_key_min": int(counts.min()) if len(counts) else 0,
-            "prompts_per_key_median": float(counts.double().median()) if len(counts) else 0.0,
+            # The usual median (mean of the two middle counts), not torch's lower middle one.
+            "prompts_per_key_median": float(counts.double().quantile(0.5)) if len(counts)
+            else 0.0,
+            "keys_of_one_prompt_share": float((counts == 1).double().mean()) if len(counts)
+            else 0.0,
             "prompts_per_length": per_length}
+
+
+def sparse_keys_warning(table: "CamaTable") -> str | None:
+    """One line when most of a table's keys average over a single prompt (``None`` otherwise):
+    there CAMA writes back each token's own clean state, and the wait stage removes nothing."""
+    stats = table.statistics
+    if stats["keys_of_one_prompt_share"] <= 0.5:
+        return None
+    return (f"{stats['keys_of_one_prompt_share']:.0%} of the {stats['n_keys']} CAMA keys average "
+            f"over a single prompt (median {stats['prompts_per_key_median']:g} prompts per key): "
+            f"there CAMA is the token's own clean state and the wait stage removes nothing; "
+            f"prompts that share a template and length make it meaningful")
 
 
 def local_residual_sums(model, encodings: Sequence[dict], layers: Sequence[int],
@@ -329,9 +346,11 @@ def cama_cache_path(model, dataset_fingerprint: str, root: Path,
 
 def cached_cama_table(model, prompts: Sequence[str], dataset_fingerprint: str, root: Path,
                       batch_size: int = 32, progress: bool = True, runner=None,
-                      layers: Sequence[int] | None = None) -> tuple[CamaTable, Path, bool]:
-    """Load the cached table for (model, data set, dtype) or build and cache it (``runner``:
-    see :func:`build_cama_table`).
+                      layers: Sequence[int] | None = None,
+                      groups: Sequence[int] | None = None) -> tuple[CamaTable, Path, bool]:
+    """Load the cached table for (model, data set, dtype) or build and cache it (``runner``,
+    ``groups``: see :func:`build_cama_table`; the groups follow from the data set, so its
+    fingerprint keys them too).
 
     ``layers`` builds only those layers (a remote build downloads every layer it builds, so a
     job that needs one layer should not fetch all of them); a cached full table serves any
@@ -348,6 +367,6 @@ def cached_cama_table(model, prompts: Sequence[str], dataset_fingerprint: str, r
                                                model.identity.dtype, layers)
             return table, path, True
     table = build_cama_table(model, prompts, dataset_fingerprint, layers, batch_size=batch_size,
-                             progress=progress, runner=runner)
+                             progress=progress, runner=runner, groups=groups)
     table.save(candidates[-1])
     return table, candidates[-1], False

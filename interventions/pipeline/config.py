@@ -32,7 +32,11 @@ class JobConfig:
 
     model: str = "smollm2"
     experiments: str = "sweep"
-    tasks: Sequence[str] = ("A+B",)
+    tasks: Sequence[str] = ("A+B",)  # operator forms and built-in families (tasks.families)
+    dataset: str | None = None  # --dataset: a user's data set (tasks.records), run first
+    prompt_column: str = "prompt"
+    answer_column: str = "answer"
+    split: str = "train"
     style: str = "calculate"
     template: str | None = None
     l_wait: str | None = None  # None: every layer 0..L-1
@@ -148,6 +152,8 @@ def check_config(cfg: JobConfig) -> None:
                         f"{cfg.executor!r}")
     if (cfg.dry_run or cfg.submit) and not cfg.remote:
         raise UserError("--dry-run and --submit go with --remote")
+    if not cfg.tasks and not cfg.dataset:
+        raise UserError("no task: give --tasks, --dataset, or both")
     if cfg.answer not in ANSWER_SCORING:
         raise UserError(f"--answer must be one of {', '.join(ANSWER_SCORING)}, got "
                         f"{cfg.answer!r}")

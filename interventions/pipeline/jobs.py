@@ -168,8 +168,9 @@ def run_job(cfg: JobConfig) -> Path:
     plans = grid_plans(l_waits, l_transfers, n_layers)
     fixed_config = parse_af1_config(cfg.af1_config, n_layers)
 
-    main_runs = [TaskRun(_build(cfg, model, task, cfg.style, cfg.template), job)
-                 for task in cfg.tasks]
+    builds = [_build_dataset(cfg, model)] if cfg.dataset else []
+    builds += [_build(cfg, model, task, cfg.style, cfg.template) for task in cfg.tasks]
+    main_runs = [TaskRun(build, job) for build in builds]
     for run in main_runs:
         print(f"[af1] task {run.build.summary()}", flush=True)
     if cfg.cama_table:
@@ -275,12 +276,32 @@ def _load(cfg: JobConfig):
 
 
 def _build(cfg: JobConfig, model: AF1Model, task: str, style: str, template: str | None):
-    from tasks import build_task
+    """An arithmetic task (operator form, style or template) or a built-in family."""
+    from tasks import FAMILIES, TASKS, build_family, build_task
 
     try:
+        if task in FAMILIES:
+            if template is not None:
+                raise UserError(f"--template applies to the arithmetic tasks, not to {task}")
+            return build_family(model.tokenizer, task, n_prompts=cfg.n_prompts, seed=cfg.seed)
+        if task not in TASKS:
+            raise UserError(f"unknown task {task!r}; tasks: {', '.join(TASKS + tuple(FAMILIES))}"
+                            f" (or your own with --dataset)")
         return build_task(model.tokenizer, task=task, style=style, template=template,
                           n_prompts=cfg.n_prompts, seed=cfg.seed,
                           operand_range=cfg.operand_range)
+    except ValueError as err:
+        raise UserError(str(err)) from None
+
+
+def _build_dataset(cfg: JobConfig, model: AF1Model):
+    """The task of ``--dataset``."""
+    from tasks import build_dataset_task
+
+    try:
+        return build_dataset_task(model.tokenizer, cfg.dataset, prompt_column=cfg.prompt_column,
+                                  answer_column=cfg.answer_column, split=cfg.split,
+                                  n_prompts=cfg.n_prompts, seed=cfg.seed)
     except ValueError as err:
         raise UserError(str(err)) from None
 

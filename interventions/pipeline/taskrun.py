@@ -20,7 +20,7 @@ from ..errors import UserError
 from ..executors.base import Predictions
 from ..executors.fast import FastExecutor
 from ..executors.reference import NnsightExecutor
-from ..mechanisms.cama import CamaTable, cached_cama_table
+from ..mechanisms.cama import CamaTable, cached_cama_table, sparse_keys_warning
 from ..mechanisms.plan import as_intervention, table_layers
 from .experiments import Cell
 from .results import cell_key, setting_name, setting_of
@@ -58,7 +58,7 @@ class TaskRun:
     """
 
     def __init__(self, build, job: "Job"):
-        from tasks import expand_answer_prefixes, task_fingerprint
+        from tasks import cama_groups, expand_answer_prefixes, task_fingerprint
 
         self.build = build
         self.job = job
@@ -79,6 +79,13 @@ class TaskRun:
         self.answers = self.evaluated["answer_token_id"]
         check_input_ids(job.model.tokenizer, self.prompts, self.evaluated["input_ids"])
         self.fingerprint = task_fingerprint(self.evaluated)
+        # CAMA groups: by template where the data set has several (tasks.cama_groups), else
+        # one group (token length, part of every key, separates the rest).
+        self.groups = cama_groups(self.evaluated)
+        if self.groups is not None and job.cfg.remote:
+            raise UserError(f"{self.label}: a data set of several templates needs a CAMA table "
+                            f"grouped by template, which --remote cannot build yet; run it "
+                            f"locally, or give one template per run")
         longest = max(job.model.token_lengths(self.prompts), default=0)
         self.sink_outside_window = job.model.sink_outside_window(longest)
         if self.sink_outside_window:
@@ -105,8 +112,12 @@ class TaskRun:
         t = time.time()
         self._table = cached_cama_table(job.model, self.prompts, self.fingerprint,
                                         job.cache_root, batch_size=job.cfg.batch_size,
-                                        progress=job.cfg.progress, runner=runner, layers=subset)
+                                        progress=job.cfg.progress, runner=runner, layers=subset,
+                                        groups=self.groups)
         job.timings["cama_s"] = job.timings.get("cama_s", 0.0) + time.time() - t
+        warning = sparse_keys_warning(self._table[0])
+        if warning:
+            print(f"[af1] warning: {self.label}: {warning}", flush=True)
         return self._table[0]
 
     @property
@@ -123,7 +134,7 @@ class TaskRun:
             else:
                 self._executor = EXECUTORS[job.cfg.executor](
                     job.model, self.prompts, self.answers,
-                    batch_size=job.cfg.batch_size)
+                    batch_size=job.cfg.batch_size, groups=self.groups)
         return self._executor
 
     @property
@@ -186,9 +197,12 @@ class TaskRun:
             "n_dropped": build.n_dropped, "answer_tokens": build.answer_tokens,
             "n_answer_tokens": record.get("n_answer_tokens"),
             "answer_scoring": self.answer_scoring, "n_evaluated_rows": len(self.evaluated),
-            "n_sampled_out": build.n_sampled_out, "operand_range": list(build.operand_range),
+            "n_sampled_out": build.n_sampled_out,
+            "operand_range": list(build.operand_range) if build.operand_range else None,
             "template": build.template, "sink": record.get("sink"), "data_dir": self.data_dir,
+            "cama_groups": record.get("cama_groups", "length"),
             "setting": self.setting,
+            **({"source": record["source"]} if record.get("source") else {}),
         }
         if self.sink_outside_window:
             entry["sink_outside_window"] = self.sink_outside_window
