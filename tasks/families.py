@@ -1,9 +1,9 @@
 """Built-in non-arithmetic task families, generated offline (the paper's open question: is the
 short burst of cross-token reading special to mental math?).
 
-* ``capitals`` (style ``recall``): factual recall, ``The capital of {country} is`` -> `` {capital}``,
-  from the table shipped in ``tasks/data/capitals.csv`` (80 countries and their capitals, as
-  listed in Wikipedia's "List of national capitals"). The answer depends on a token read from
+* ``capitals`` (style ``recall``): factual recall, ``The capital of {country} is`` ->
+  `` {capital}``, from the table shipped in ``tasks/data/capitals.csv`` (80 countries and their
+  capitals, as listed in Wikipedia's "List of national capitals"). The answer depends on a token read from
   earlier in the prompt (the country) and on knowledge stored in the model.
 * ``ioi`` (style ``names``): name copying in the indirect-object form, e.g. ``When Mary and John
   went to the store, John gave a book to`` -> `` Mary``: the answer is a name that occurs earlier

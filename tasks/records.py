@@ -25,7 +25,8 @@ import numpy as np
 
 from .arithmetic import TaskBuild, sample_rows
 from .store import METADATA_FORMAT, make_dataset, task_metadata, tokenizer_identity
-from .tokens import bos_prefix, check_answers, check_bos_first, encoder, move_whitespace, sink_tokens
+from .tokens import (bos_prefix, check_answers, check_bos_first, encoder, move_whitespace,
+                     sink_tokens)
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase

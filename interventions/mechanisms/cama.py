@@ -222,8 +222,10 @@ def sparse_keys_warning(table: "CamaTable") -> str | None:
     stats = table.statistics
     if stats["keys_of_one_prompt_share"] <= 0.5:
         return None
+    median = stats["prompts_per_key_median"]
     return (f"{stats['keys_of_one_prompt_share']:.0%} of the {stats['n_keys']} CAMA keys average "
-            f"over a single prompt (median {stats['prompts_per_key_median']:g} prompts per key): "
+            f"over a single prompt (median {median:g} prompt{'' if median == 1 else 's'} per "
+            f"key): "
             f"there CAMA is the token's own clean state and the wait stage removes nothing; "
             f"prompts that share a template and length make it meaningful")
 
