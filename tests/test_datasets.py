@@ -257,3 +257,40 @@ def test_warning_when_most_keys_average_one_prompt(digit_tok):
     repeated = build_cama_table(model, ["Pab=", "Pab=", "Pcd=", "Pcd="], "t", progress=False)
     assert repeated.statistics["keys_of_one_prompt_share"] == 0.0
     assert sparse_keys_warning(repeated) is None
+
+
+# -- template groups on the remote path ---------------------------------------------------------------
+
+
+def test_remote_path_with_template_groups_equals_the_local_one(digit_tok):
+    """The NDIF path (local backend: serialized, and executed by NDIF's own code where it is
+    installed) builds the grouped table with the same sums, and evaluates cells with each
+    batch's groups to the local executor's predictions."""
+    from interventions.executors.reference import NnsightExecutor
+    from interventions.executors.remote.client import RemoteClient
+    from interventions.executors.remote.executor import RemoteExecutor
+    from interventions.executors.remote.transport import LocalTransport
+    from interventions.mechanisms.plan import AF1Plan
+
+    model = wrap_tiny("llama", digit_tok, "eager")
+    rows = records()
+    prompts = [r["prompt"] for r in rows]
+    answers = digit_tok.convert_tokens_to_ids([r["answer"] for r in rows])
+    groups = [sorted(TEMPLATES).index(r["template"]) for r in rows]
+    client = RemoteClient(model, transport=LocalTransport.for_model(model),
+                          log=lambda message: None, sleep=lambda seconds: None)
+    remote = RemoteExecutor(model, prompts, answers, batch_size=16, cells_per_request=2,
+                            client=client, groups=groups)
+    local = NnsightExecutor(model, prompts, answers, batch_size=16, groups=groups)
+    table = build_cama_table(model, prompts, "t", [1, 2], batch_size=16, progress=False,
+                             runner=remote.cama_runner(), groups=groups)
+    expected = build_cama_table(model, prompts, "t", [1, 2], batch_size=16, progress=False,
+                                groups=groups)
+    assert torch.equal(table.keys, expected.keys) and int(table.keys[:, 3].max()) == 1
+    torch.testing.assert_close(table.means, expected.means, atol=1e-5, rtol=1e-5)
+    plans = [AF1Plan(1, 1), AF1Plan(2, 1), AF1Plan(1, 2)]
+    got = dict(remote.run_many([(p, p, expected.layer(p.l_wait)) for p in plans]))
+    for plan in plans:
+        want = local.run(plan, expected.layer(plan.l_wait))
+        assert np.array_equal(got[plan].pred_ids, want.pred_ids), plan
+        np.testing.assert_allclose(got[plan].answer_logits, want.answer_logits, atol=1e-5)

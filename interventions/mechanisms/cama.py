@@ -272,14 +272,14 @@ def build_cama_table(model, prompts: Sequence[str], dataset_fingerprint: str,
         dataset_fingerprint: the data set's fingerprint (``tasks.task_fingerprint``).
         layers: residual indices ``k`` in ``0..L`` to store (default: all).
         runner: what runs the clean passes, called as ``runner(model, encodings, layers, keys,
-            progress)`` and returning the ``(len(layers), K, D)`` float64 sums per key (see
+            progress)`` (with ``groups``: ``..., progress, batch_groups)``, one ``(B,)`` tensor
+            per batch) and returning the ``(len(layers), K, D)`` float64 sums per key (see
             :func:`local_residual_sums`, the default; ``RemoteClient.cama_runner`` sums on NDIF).
             Keys, counts and means are made here whatever runs the passes.
         groups: the group of each prompt (e.g. its template's index) for a data set of several
             templates; ``None`` (one template) puts every prompt in group 0. Prompts are always
             grouped by their token length too. Traces that use a table built with groups must
-            pass each prompt's group (``apply_af1(..., groups=)``); only the local runner takes
-            groups so far.
+            pass each prompt's group (``apply_af1(..., groups=)``; the executors' ``groups=``).
     Returns:
         a :class:`CamaTable` (float32 means of float64 sums).
     """
@@ -294,8 +294,6 @@ def build_cama_table(model, prompts: Sequence[str], dataset_fingerprint: str,
     encodings = [enc for _, enc in batches]
     batch_groups = None
     if groups is not None:
-        if runner is not None:
-            raise ValueError("grouped CAMA tables are built by the local runner only")
         if len(groups) != len(prompts):
             raise ValueError(f"groups has {len(groups)} entries for {len(prompts)} prompts")
         groups = torch.as_tensor(groups, dtype=torch.long)
@@ -303,10 +301,11 @@ def build_cama_table(model, prompts: Sequence[str], dataset_fingerprint: str,
             raise ValueError("groups must be >= 0")
         batch_groups = [groups[torch.tensor(indices)] for indices, _ in batches]
     keys, counts = table_keys(encodings, batch_groups)
-    if batch_groups is None:
-        sums = (runner or local_residual_sums)(model, encodings, layers, keys, progress)
+    runner = runner or local_residual_sums
+    if batch_groups is None:  # runners that know nothing of groups keep working
+        sums = runner(model, encodings, layers, keys, progress)
     else:
-        sums = local_residual_sums(model, encodings, layers, keys, progress, batch_groups)
+        sums = runner(model, encodings, layers, keys, progress, batch_groups)
     hidden = sums.shape[-1]
     means = (sums / counts.to(sums)[None, :, None]).float().cpu()
     position_keys, position_index = position_mean_keys(keys)

@@ -82,10 +82,6 @@ class TaskRun:
         # CAMA groups: by template where the data set has several (tasks.cama_groups), else
         # one group (token length, part of every key, separates the rest).
         self.groups = cama_groups(self.evaluated)
-        if self.groups is not None and job.cfg.remote:
-            raise UserError(f"{self.label}: a data set of several templates needs a CAMA table "
-                            f"grouped by template, which --remote cannot build yet; run it "
-                            f"locally, or give one template per run")
         longest = max(job.model.token_lengths(self.prompts), default=0)
         self.sink_outside_window = job.model.sink_outside_window(longest)
         if self.sink_outside_window:
@@ -130,7 +126,7 @@ class TaskRun:
                 self._executor = RemoteExecutor(job.model, self.prompts, self.answers,
                                                 batch_size=job.cfg.batch_size,
                                                 cells_per_request=job.cfg.cells_per_request,
-                                                client=job.client)
+                                                client=job.client, groups=self.groups)
             else:
                 self._executor = EXECUTORS[job.cfg.executor](
                     job.model, self.prompts, self.answers,

@@ -30,8 +30,8 @@ from ...nnsight_internals import RemoteError
 from ..base import Predictions
 from .client import (DEFAULT_CELLS_PER_REQUEST, DEFAULT_MAX_RETRIES, RemoteClient,
                      RemoteRunError, RemoteStats, RequestTooLarge)
-from .steps import (batch_traces, cell_traces, predictions_finish, predictions_step,
-                    residual_sums_step)
+from .steps import (cell_traces, predictions_finish, predictions_step, residual_sums_step,
+                    sum_traces)
 
 # -- the trace site and the two kinds of request ---------------------------------------------------
 
@@ -59,21 +59,24 @@ def request_result(saves: dict | None) -> dict | None:
     return None if saves is None else saves["result"]
 
 
-def cells_session(lm, sites, backend, cells, batches) -> dict | None:
-    """One request: every ``(intervention, cama)`` cell on every ``(encoding, answers)`` batch.
+def cells_session(lm, sites, backend, cells, batches, groups=None) -> dict | None:
+    """One request: every ``(intervention, cama)`` cell on every ``(encoding, answers)`` batch
+    (``groups``: each batch's ``(B,)`` CAMA groups, for a table grouped by template).
 
     Returns ``pred_ids`` int32 and ``answer_logits`` float32, each ``(len(cells) * N,)`` in
     cell-major, batch order (N prompts); ``None`` when ``backend`` only serializes.
     """
     state = {"cells": list(cells), "batches": list(batches), "pred_ids": [],
-             "answer_logits": []}
+             "answer_logits": [], "groups": None if groups is None else list(groups)}
     return request_result(run_traces(lm, sites, backend, cell_traces, predictions_step,
                                      predictions_finish, state))
 
 
-def residual_sums_session(lm, sites, backend, batches, layers, keys, hidden) -> dict | None:
+def residual_sums_session(lm, sites, backend, batches, layers, keys, hidden, groups=None
+                          ) -> dict | None:
     """One request: clean traces over ``(encoding, answers or None)`` batches, adding each
-    token's ``h_k`` to its key's float64 sum on the server.
+    token's ``h_k`` to its key's float64 sum on the server (``groups``: as for
+    :func:`cells_session`).
 
     Returns ``residual_sums`` ``(len(layers), K, D)`` float32 and, when the batches carry
     answers, ``pred_ids``/``answer_logits`` as :func:`cells_session` does for one clean cell.
@@ -81,8 +84,9 @@ def residual_sums_session(lm, sites, backend, batches, layers, keys, hidden) -> 
     spreads the layers over GPUs, and no one GPU need hold them all.
     """
     state = {"batches": list(batches), "pred_ids": [], "answer_logits": [],
-             "layers": list(layers), "keys": keys, "shape": (len(layers), len(keys), hidden)}
-    return request_result(run_traces(lm, sites, backend, batch_traces, residual_sums_step,
+             "layers": list(layers), "keys": keys, "shape": (len(layers), len(keys), hidden),
+             "groups": None if groups is None else list(groups)}
+    return request_result(run_traces(lm, sites, backend, sum_traces, residual_sums_step,
                                      predictions_finish, state))
 
 
@@ -136,6 +140,11 @@ def _request_key(model, kind: str, content: Any) -> str:
     return f"{kind}-{hashlib.sha256(text.encode()).hexdigest()[:24]}"
 
 
+def _groups_digest(groups) -> str:
+    """``""`` for a data set of one group, else the digest of each batch's groups."""
+    return "" if groups is None else "groups-" + _digest(*groups)
+
+
 def _batches_digest(batches) -> str:
     tensors = []
     for enc, answers in batches:
@@ -172,9 +181,11 @@ class _RemoteCamaRunner:
         self.answer_ids = answer_ids
         self.on_predictions = on_predictions
 
-    def __call__(self, model, encodings, layers, keys, progress=True) -> torch.Tensor:
+    def __call__(self, model, encodings, layers, keys, progress=True, groups=None
+                 ) -> torch.Tensor:
         answers = self.answer_ids if self.answer_ids is not None else [None] * len(encodings)
-        batches = list(zip(encodings, answers))
+        # (batch, its groups) pairs, so that a split request keeps each batch's groups.
+        batches = list(zip(zip(encodings, answers), groups or [None] * len(encodings)))
         size = self.batches_per_request or len(batches)
         layers = [int(k) for k in layers]
         hidden = model.hf.config.get_text_config().hidden_size
@@ -183,10 +194,15 @@ class _RemoteCamaRunner:
 
         def send(part, start):
             label = range_label("CAMA sums, batches", start, len(part), len(batches))
-            key = _request_key(model, "cama", [layers, _digest(keys), _batches_digest(part)])
+            inputs = [batch for batch, _ in part]
+            part_groups = None if groups is None else [g for _, g in part]
+            content = [layers, _digest(keys), _batches_digest(inputs)]
+            if part_groups is not None:  # keys of ungrouped requests stay as they were
+                content.append(_groups_digest(part_groups))
+            key = _request_key(model, "cama", content)
             backend = self.client.backend("cama", label, key, traces=len(part))
-            return residual_sums_session(model.lm, model.sites, backend, part, layers, keys,
-                                         hidden)
+            return residual_sums_session(model.lm, model.sites, backend, inputs, layers, keys,
+                                         hidden, part_groups)
 
         for first in range(0, len(batches), size):
             for _, result in split_to_fit(batches[first:first + size],
@@ -241,6 +257,8 @@ class RemoteExecutor:
             ``cells x n_batches`` traces.
         max_retries: see :class:`RemoteClient` (ignored when ``client`` is given).
         client: a shared :class:`RemoteClient` (one per job, so its ``stats`` cover the job).
+        groups: ``(N,)`` CAMA group of each prompt, for a table grouped by template (see
+            :class:`interventions.NnsightExecutor`); sent with each batch.
         client_options: further :class:`RemoteClient` arguments (``ledger``, ``blocking``, ...).
     """
 
@@ -250,7 +268,7 @@ class RemoteExecutor:
                  batch_size: int = 32, backend: str = "remote",
                  cells_per_request: int = DEFAULT_CELLS_PER_REQUEST,
                  max_retries: int = DEFAULT_MAX_RETRIES, client: RemoteClient | None = None,
-                 **client_options):
+                 groups: Sequence[int] | None = None, **client_options):
         check_cells_per_request(cells_per_request)
         self.model = model
         self.client = client or RemoteClient(model, backend, max_retries=max_retries,
@@ -260,7 +278,11 @@ class RemoteExecutor:
         self.answer_ids = torch.as_tensor(np.asarray(answer_ids), dtype=torch.long)
         self.batches = model.encode_batches(prompts, batch_size)
         self._inputs = [(enc, self.answer_ids[indices]) for indices, enc in self.batches]
-        self._inputs_digest = _batches_digest(self._inputs)
+        self._groups = None
+        if groups is not None:
+            groups = torch.as_tensor(np.asarray(groups), dtype=torch.long)
+            self._groups = [groups[indices] for indices, _ in self.batches]
+        self._inputs_digest = _batches_digest(self._inputs) + _groups_digest(self._groups)
         self._clean: Predictions | None = None
 
     @property
@@ -303,13 +325,14 @@ class RemoteExecutor:
         executor's prompts: the table's clean passes are the full model's passes, so their
         predictions are saved alongside the sums. On other prompts the runner only sums.
         """
-        def runner(model, encodings, layers, keys, progress=True):
+        def runner(model, encodings, layers, keys, progress=True, groups=None):
             same = len(encodings) == len(self._inputs) and all(
                 torch.equal(enc["input_ids"], mine["input_ids"])
                 for enc, (mine, _) in zip(encodings, self._inputs))
             answers = [a for _, a in self._inputs] if same else None
             return _RemoteCamaRunner(self.client, batches_per_request, answers,
-                                     self._take_clean)(model, encodings, layers, keys, progress)
+                                     self._take_clean)(model, encodings, layers, keys, progress,
+                                                       groups)
 
         return runner
 
@@ -366,7 +389,8 @@ class RemoteExecutor:
         backend = self.client.backend(kind, label, key, cells=len(cells),
                                       traces=len(cells) * len(self._inputs),
                                       submit_only=submit_only)
-        result = cells_session(self.model.lm, self.model.sites, backend, cells, self._inputs)
+        result = cells_session(self.model.lm, self.model.sites, backend, cells, self._inputs,
+                               self._groups)
         if submit_only:
             return backend.job_id
         return self._assemble(result["pred_ids"], result["answer_logits"], len(cells))

@@ -22,12 +22,19 @@ from ...mechanisms.traced import (accumulate_residuals, apply_intervention, appl
 # -- evaluation and the CAMA build -----------------------------------------------------------------
 
 
+def batch_groups(state):
+    """The CAMA groups of each batch of ``state["batches"]``: ``state["groups"]`` (one ``(B,)``
+    tensor per batch, for a data set of several templates), else ``None`` per batch."""
+    return state.get("groups") or [None] * len(state["batches"])
+
+
 def cell_traces(state):
     """Every cell of ``state["cells"]`` (``(intervention or None, cama)``) on every batch of
     ``state["batches"]`` (``(encoding, answers)``), cell-major: ``(encoding, (answers,
-    intervention, cama))`` for :func:`predictions_step`."""
-    return [(enc, (answers, intervention, cama))
-            for intervention, cama in state["cells"] for enc, answers in state["batches"]]
+    intervention, cama, groups))`` for :func:`predictions_step`."""
+    return [(enc, (answers, intervention, cama, groups))
+            for intervention, cama in state["cells"]
+            for (enc, answers), groups in zip(state["batches"], batch_groups(state))]
 
 
 def batch_traces(state):
@@ -35,15 +42,23 @@ def batch_traces(state):
     return state["batches"]
 
 
+def sum_traces(state):
+    """Every batch of ``state["batches"]`` (``(encoding, answers or None)``) with its groups:
+    ``(encoding, (answers, groups))`` for :func:`residual_sums_step`."""
+    return [(enc, (answers, groups))
+            for (enc, answers), groups in zip(state["batches"], batch_groups(state))]
+
+
 def predictions_step(sites, state, extra):
-    """One cell on the traced batch. ``extra``: ``(answers (B,), intervention or None, cama)``.
+    """One cell on the traced batch. ``extra``: ``(answers (B,), intervention or None, cama,
+    groups (B,) or None)``.
 
     Appends the last position's argmax (int32) and the answer's logit (float32), ``(B,)`` each,
     to ``state["pred_ids"]`` / ``state["answer_logits"]``.
     """
-    answers, intervention, cama = extra
+    answers, intervention, cama, groups = extra
     if intervention is not None:
-        apply_intervention(sites, intervention, cama)
+        apply_intervention(sites, intervention, cama, groups)
     ids, logits = last_token_predictions(sites, answers)
     state["pred_ids"].append(ids.to(torch.int32))
     state["answer_logits"].append(logits.float())
@@ -52,15 +67,17 @@ def predictions_step(sites, state, extra):
 def residual_sums_step(sites, state, extra):
     """A clean trace adding each token's ``h_k`` into its key's float64 sum.
 
-    ``state``: ``layers`` (ascending ``k``), ``keys`` ``(K, 2)``, ``shape`` ``(len(layers), K, D)``;
-    the sums are made on the server at the first trace (never uploaded). ``extra``: the batch's
-    answers ``(B,)`` to also save the clean predictions, or ``None``.
+    ``state``: ``layers`` (ascending ``k``), ``keys`` ``(K, 4)``, ``shape`` ``(len(layers), K, D)``;
+    the sums are made on the server at the first trace (never uploaded). ``extra``: ``(answers,
+    groups)``: the batch's answers ``(B,)`` to also save the clean predictions, or ``None``; its
+    CAMA groups ``(B,)``, or ``None``.
     """
+    answers, groups = extra
     if "sums" not in state:
         state["sums"] = torch.zeros(state["shape"], dtype=torch.float64)
-    accumulate_residuals(sites, state["layers"], state["keys"], state["sums"])
-    if extra is not None:
-        ids, logits = last_token_predictions(sites, extra)
+    accumulate_residuals(sites, state["layers"], state["keys"], state["sums"], groups)
+    if answers is not None:
+        ids, logits = last_token_predictions(sites, answers)
         state["pred_ids"].append(ids.to(torch.int32))
         state["answer_logits"].append(logits.float())
 
