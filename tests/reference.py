@@ -263,6 +263,28 @@ def keys_at_several_lengths(tokenizer, prompts):
     return sorted(key for key, seen in lengths.items() if len(seen) > 1)
 
 
+def clean_magnitude(hf, encoding) -> float:
+    """The largest ``|value|`` of the clean forward pass on ``encoding`` (every hidden state and
+    the logits): the ``magnitude`` of :func:`float32_rounding_bound` for that batch."""
+    with torch.no_grad():
+        out = hf(**encoding, output_hidden_states=True)
+    return max(float(h.abs().max()) for h in (*out.hidden_states, out.logits))
+
+
+def assert_float32_close(hf, got, want, encoding, what=""):
+    """``got`` equals ``want`` up to :func:`float32_rounding_bound` at the larger of the clean
+    pass's magnitude on ``encoding`` and the compared values' own (two float32 evaluations of
+    the same arithmetic in different orders, or one through float32 sums). Returns the largest
+    difference."""
+    got, want = torch.as_tensor(got).double(), torch.as_tensor(want).double()
+    magnitude = max(clean_magnitude(hf, encoding), float(got.abs().max()),
+                    float(want.abs().max()))
+    bound = float32_rounding_bound(hf, magnitude, encoding["input_ids"].shape[1])
+    diff = float((got - want).abs().max())
+    assert diff <= bound, f"{what}: |difference| {diff:.2e} > float32 bound {bound:.2e}"
+    return diff
+
+
 def float32_rounding_bound(hf, magnitude, length):
     """How far two float32 evaluations of the same forward pass, in different orders, may
     differ in any output of size at most ``magnitude``: ``(L + 1) * n * u * magnitude``.

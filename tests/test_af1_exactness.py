@@ -135,12 +135,14 @@ def test_cama_table_equals_brute_force_group_mean(arch, digit_tok):
         (p, t, n, 0) for (layer, n, p, t) in expected if layer == 0}
     assert {tuple(k) for k in table.position_keys.tolist()} == {
         (p, -1, n, 0) for (layer, n, p, _) in positions if layer == 0}
+    enc = model.encode(GROUPED_PROMPTS)
     for (layer, n, p, t), mean in expected.items():
         got = table.lookup(layer, torch.tensor([p, t, n, 0]))
-        np.testing.assert_allclose(got.numpy(), mean, atol=2e-5, rtol=1e-5)
+        reference.assert_float32_close(model.hf, got, mean, enc, f"CAMA h_{layer} {p, t, n}")
         row = table.position_keys.tolist().index([p, -1, n, 0])
-        np.testing.assert_allclose(table.position_means[table.layers.index(layer), row].numpy(),
-                                   positions[(layer, n, p, t)], atol=2e-5, rtol=1e-5)
+        reference.assert_float32_close(
+            model.hf, table.position_means[table.layers.index(layer), row],
+            positions[(layer, n, p, t)], enc, f"position mean h_{layer} {p, n}")
     # '+' at position 2 follows "12" and "45" in the 5-token prompts, "12" twice in the 6-token
     # ones: the two lengths get different means (mixed, they would share one).
     plus = digit_tok.convert_tokens_to_ids("+")
@@ -166,7 +168,8 @@ def test_grouped_table_keeps_templates_apart(arch, digit_tok):
         for (layer, n, p, t), mean in reference.brute_force_cama(model.hf, digit_tok,
                                                                  members).items():
             got = table.lookup(layer, torch.tensor([p, t, n, group]))
-            np.testing.assert_allclose(got.numpy(), mean, atol=2e-5, rtol=1e-5)
+            reference.assert_float32_close(model.hf, got, mean, model.encode(prompts),
+                                           f"group {group} h_{layer} {p, t, n}")
     plan = AF1Plan(2, 1)
     cama = table.layer(2)
     enc = model.encode(prompts)
@@ -179,7 +182,7 @@ def test_grouped_table_keeps_templates_apart(arch, digit_tok):
         theirs = reference.af1_logits_with_hooks(
             model.hf, model.encode(members), rules, 2,
             reference.brute_force_cama(model.hf, digit_tok, members))[:, -1]
-        torch.testing.assert_close(ours[rows], theirs, atol=2e-5, rtol=1e-5)
+        reference.assert_float32_close(model.hf, ours[rows], theirs, enc, f"group {group}")
     with pytest.raises(ValueError, match="groups="):
         with torch.no_grad(), model.lm.trace(enc):
             apply_af1(model.sites, plan, cama)

@@ -287,10 +287,12 @@ def test_remote_path_with_template_groups_equals_the_local_one(digit_tok):
     expected = build_cama_table(model, prompts, "t", [1, 2], batch_size=16, progress=False,
                                 groups=groups)
     assert torch.equal(table.keys, expected.keys) and int(table.keys[:, 3].max()) == 1
-    torch.testing.assert_close(table.means, expected.means, atol=1e-5, rtol=1e-5)
+    enc = model.encode(prompts)
+    reference.assert_float32_close(model.hf, table.means, expected.means, enc, "grouped table")
     plans = [AF1Plan(1, 1), AF1Plan(2, 1), AF1Plan(1, 2)]
     got = dict(remote.run_many([(p, p, expected.layer(p.l_wait)) for p in plans]))
     for plan in plans:
         want = local.run(plan, expected.layer(plan.l_wait))
         assert np.array_equal(got[plan].pred_ids, want.pred_ids), plan
-        np.testing.assert_allclose(got[plan].answer_logits, want.answer_logits, atol=1e-5)
+        reference.assert_float32_close(model.hf, got[plan].answer_logits, want.answer_logits,
+                                       enc, repr(plan))

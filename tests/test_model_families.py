@@ -55,7 +55,8 @@ def test_more_families_equal_the_references(arch, digit_tok):
         theirs = reference.af1_logits_with_hooks(
             model.hf, enc, reference.af1_rules(n_layers, l_wait, l_transfer), l_wait or None,
             cama)
-        torch.testing.assert_close(ours[real], theirs[real], atol=2e-5, rtol=1e-5)
+        reference.assert_float32_close(model.hf, ours[real], theirs[real], enc,
+                                       f"{arch} AF1({l_wait}, {l_transfer})")
     # The fast executor equals the reference path (the clean cell checks the head's scaling).
     cells = grid(n_layers, table) + [
         ("clean", Intervention({}), None),
