@@ -135,8 +135,8 @@ def build_from_records(tokenizer: "PreTrainedTokenizerBase", prompts: Sequence[s
         or a sink that cannot be made constant.
     """
     n_candidates = len(prompts)
-    empty = [i for i, a in enumerate(answers)
-             if not tokenizer(a, add_special_tokens=False)["input_ids"]]
+    plain = tokenizer(list(answers), add_special_tokens=False)["input_ids"] if answers else []
+    empty = [i for i, ids in enumerate(plain) if not ids]  # one batched call, not one per row
     if empty:
         raise ValueError(f"{task}: the answer of row {empty[0]} ({answers[empty[0]]!r}) tokenizes "
                          f"to nothing ({len(empty)} such rows); every answer needs a token to "

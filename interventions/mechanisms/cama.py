@@ -272,8 +272,8 @@ def build_cama_table(model, prompts: Sequence[str], dataset_fingerprint: str,
         dataset_fingerprint: the data set's fingerprint (``tasks.task_fingerprint``).
         layers: residual indices ``k`` in ``0..L`` to store (default: all).
         runner: what runs the clean passes, called as ``runner(model, encodings, layers, keys,
-            progress)`` (with ``groups``: ``..., progress, batch_groups)``, one ``(B,)`` tensor
-            per batch) and returning the ``(len(layers), K, D)`` float64 sums per key (see
+            progress, groups)`` (``groups``: one ``(B,)`` tensor per batch, or ``None``) and
+            returning the ``(len(layers), K, D)`` float64 sums per key (see
             :func:`local_residual_sums`, the default; ``RemoteClient.cama_runner`` sums on NDIF).
             Keys, counts and means are made here whatever runs the passes.
         groups: the group of each prompt (e.g. its template's index) for a data set of several
@@ -301,11 +301,8 @@ def build_cama_table(model, prompts: Sequence[str], dataset_fingerprint: str,
             raise ValueError("groups must be >= 0")
         batch_groups = [groups[torch.tensor(indices)] for indices, _ in batches]
     keys, counts = table_keys(encodings, batch_groups)
-    runner = runner or local_residual_sums
-    if batch_groups is None:  # runners that know nothing of groups keep working
-        sums = runner(model, encodings, layers, keys, progress)
-    else:
-        sums = runner(model, encodings, layers, keys, progress, batch_groups)
+    sums = (runner or local_residual_sums)(model, encodings, layers, keys, progress,
+                                           batch_groups)
     hidden = sums.shape[-1]
     means = (sums / counts.to(sums)[None, :, None]).float().cpu()
     position_keys, position_index = position_mean_keys(keys)

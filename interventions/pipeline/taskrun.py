@@ -82,11 +82,12 @@ class TaskRun:
         # CAMA groups: by template where the data set has several (tasks.cama_groups), else
         # one group (token length, part of every key, separates the rest).
         self.groups = cama_groups(self.evaluated)
-        longest = max(job.model.token_lengths(self.prompts), default=0)
+        longest = max(map(len, self.evaluated["input_ids"]), default=0)  # checked just above
         self.sink_outside_window = job.model.sink_outside_window(longest)
         if self.sink_outside_window:
             print(f"[af1] warning: {self.label}: {self.sink_outside_window}", flush=True)
         self._table: tuple[CamaTable, Path, bool] | None = None
+        self._warned_sparse = False
         self._executor = None
         self._full: Predictions | None = None
 
@@ -112,7 +113,8 @@ class TaskRun:
                                         groups=self.groups)
         job.timings["cama_s"] = job.timings.get("cama_s", 0.0) + time.time() - t
         warning = sparse_keys_warning(self._table[0])
-        if warning:
+        if warning and not self._warned_sparse:  # once, though NDIF may build layers in turns
+            self._warned_sparse = True
             print(f"[af1] warning: {self.label}: {warning}", flush=True)
         return self._table[0]
 
