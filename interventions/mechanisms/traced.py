@@ -337,6 +337,15 @@ def apply_af1(sites, plan, cama=None, groups=None):
     apply_intervention(sites, plan.intervention(sites.n_layers), cama, groups)
 
 
+def residual_state(sites, k: int):
+    """Inside a trace: ``h_k`` ``(B, T, D)``, what enters layer ``k`` (for ``k = L``, what the
+    last layer returns, before the final norm)."""
+    if k < sites.n_layers:
+        return sites.layers[k].inputs[0][0]
+    out = sites.layers[sites.n_layers - 1].output
+    return out[0] if isinstance(out, tuple) else out
+
+
 def last_token_predictions(sites, answer_ids=None):
     """Inside a trace, after the interventions: greedy prediction at the last position.
 
@@ -365,13 +374,8 @@ def accumulate_residuals(sites, layers, keys, sums, groups=None):
     rows = torch.where(real, rows, torch.full_like(rows, -1)).reshape(-1)
     keep = rows >= 0
     rows = rows[keep].to(sums.device)
-    n_layers = sites.n_layers
     for j, k in enumerate(layers):
-        if k < n_layers:
-            hidden = sites.layers[k].inputs[0][0]
-        else:
-            out = sites.layers[n_layers - 1].output
-            hidden = out[0] if isinstance(out, tuple) else out
+        hidden = residual_state(sites, k)
         flat = hidden.reshape(-1, hidden.shape[-1])[keep.to(hidden.device)]
         sums[j].index_add_(0, rows, flat.to(device=sums.device, dtype=sums.dtype))
     return sums

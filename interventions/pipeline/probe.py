@@ -33,6 +33,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from ..mechanisms.traced import residual_state
+
 RIDGE_LAMBDAS = (1e-2, 1e-1, 1.0, 10.0, 100.0, 1000.0)
 
 
@@ -73,16 +75,11 @@ def _states_trace(lm, sites, backend, enc, columns, layers):
     """One trace saving ``h_k[row, columns[row]]`` for each layer: ``(B, len(layers), D)``.
 
     Takes plain arguments only: on NDIF the block ships with exactly the values it names."""
-    n_layers = sites.n_layers
     rows = torch.arange(len(columns))
     with torch.no_grad(), lm.trace(enc, backend=backend):
         picked = []
         for k in layers:
-            if k < n_layers:
-                h = sites.layers[k].inputs[0][0]
-            else:
-                h = sites.layers[n_layers - 1].output
-                h = h[0] if isinstance(h, tuple) else h
+            h = residual_state(sites, k)
             picked.append(h[rows, columns.to(h.device)].float().cpu())
         states = torch.stack(picked, 1).save()
     return states
