@@ -46,6 +46,7 @@ def test_explicit_full_causal_mask_reproduces_clean_logits(arch, attn, digit_tok
     assert torch.equal(clean[real], masked[real])
 
 
+@pytest.mark.precision
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 @pytest.mark.parametrize("attn", IMPLS)
 def test_af1_trace_equals_independent_hook_implementation(arch, attn, digit_tok):
@@ -60,14 +61,19 @@ def test_af1_trace_equals_independent_hook_implementation(arch, attn, digit_tok)
         enc, ours = nnsight_logits(model, PROMPTS, plan, table)
         theirs = reference.af1_logits_with_hooks(model.hf, enc, rules, replace, cama)
         real = enc["attention_mask"].bool()
-        torch.testing.assert_close(ours[real], theirs[real], atol=2e-5, rtol=1e-5)
-        assert torch.equal(ours[:, -1].argmax(-1), theirs[:, -1].argmax(-1))
+        what = f"{plan} on {arch}-{attn}"
+        reference.assert_float32_close(model.hf, ours[real], theirs[real], enc, what)
+        bound = reference.float32_rounding_bound(model.hf, reference.clean_magnitude(
+            model.hf, enc), enc["input_ids"].shape[1])
+        reference.assert_logits_close(ours[:, -1], theirs[:, -1], bound, what)
         # One prompt at a time: the same last-token logits as in the padded batch.
         for i, prompt in enumerate(PROMPTS):
             enc1, one = nnsight_logits(model, [prompt], plan, table)
             ref1 = reference.af1_logits_with_hooks(model.hf, enc1, rules, replace, cama)
-            torch.testing.assert_close(one[0, -1], ref1[0, -1], atol=2e-5, rtol=1e-5)
-            torch.testing.assert_close(one[0, -1], ours[i, -1], atol=2e-5, rtol=1e-5)
+            reference.assert_float32_close(model.hf, one[0, -1], ref1[0, -1], enc1,
+                                           f"{what}, {prompt!r} alone")
+            reference.assert_float32_close(model.hf, one[0, -1], ours[i, -1], enc,
+                                           f"{what}, {prompt!r} alone and batched")
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
@@ -200,7 +206,8 @@ def test_l_wait_zero_is_identity_and_cama_of_h0_is_the_embedding(arch, digit_tok
         apply_intervention(model.sites, Intervention({}, 0, "cama"), table.layer(0))
         logits = model.lm.output.logits.save()
     mask = enc["attention_mask"].bool()
-    torch.testing.assert_close(logits[mask], clean[mask], atol=1e-5, rtol=1e-5)
+    reference.assert_float32_close(model.hf, logits[mask], clean[mask], enc,
+                                   f"CAMA of h_0 on {arch}")
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
@@ -247,8 +254,10 @@ def test_af1_in_one_of_several_invokes_leaves_the_others_clean(attn, pair, digit
             clean_in_batch = model.lm.output.logits[:, -1].save()
     _, af1_alone = nnsight_logits(model, [pair[0]], plan, table)
     _, clean_alone = nnsight_logits(model, [pair[1]])
-    torch.testing.assert_close(af1_in_batch, af1_alone[:, -1], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(clean_in_batch, clean_alone[:, -1], atol=1e-5, rtol=1e-5)
+    both = model.encode(list(pair))
+    reference.assert_float32_close(model.hf, af1_in_batch, af1_alone[:, -1], both, "AF1 invoke")
+    reference.assert_float32_close(model.hf, clean_in_batch, clean_alone[:, -1], both,
+                                   "clean invoke")
 
 
 def test_tables_of_the_old_key_layout_are_refused_and_never_found(tmp_path, digit_tok):

@@ -40,6 +40,7 @@ def ours(model, cell, table):
     return enc, logits
 
 
+@pytest.mark.precision
 @pytest.mark.parametrize("arch", tiny.ARCHITECTURES)
 def test_necessity_windows_equal_hook_implementation(arch, digit_tok):
     model = wrap_tiny(arch, digit_tok, "eager")
@@ -51,9 +52,10 @@ def test_necessity_windows_equal_hook_implementation(arch, digit_tok):
         enc, got = ours(model, cell, table)
         want = reference.af1_logits_with_hooks(
             model.hf, enc, {k: ("sink_self", "all") for k in window})[:, -1]
-        torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
+        reference.assert_float32_close(model.hf, got, want, enc, f"necessity {cell.fields}")
 
 
+@pytest.mark.precision
 @pytest.mark.parametrize("arch", tiny.ARCHITECTURES)
 def test_alternatives_equal_hook_implementation(arch, digit_tok):
     model = wrap_tiny(arch, digit_tok, tiny.supported_attention(arch))
@@ -77,7 +79,7 @@ def test_alternatives_equal_hook_implementation(arch, digit_tok):
         enc, got = ours(model, cell, table)
         rules, layer, values = expected[cell.fields["variant"]]
         want = reference.af1_logits_with_hooks(model.hf, enc, rules, layer, values)[:, -1]
-        torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
+        reference.assert_float32_close(model.hf, got, want, enc, cell.fields["variant"])
         outputs[cell.fields["variant"]] = got
     # Every alternative changes the computation (the comparison above is not vacuous).
     base = outputs["AF1 (CAMA + ABP)"]

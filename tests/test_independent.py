@@ -13,16 +13,17 @@ prompts below are also chosen so that every non-sink (position, token) occurs at
 length, so that the comparison would not depend on how lengths are keyed.
 
 Tolerance. Both sides compute the same float32 arithmetic in different orders, so they may
-differ by rounding only: ``reference.float32_rounding_bound`` (worst-case accumulation, about
-1e-4 here, where differences of about 6e-7 are measured). A wrong mask or look-up moves logits
+differ by rounding only: ``reference.float32_rounding_bound`` (the worst case at the magnitudes
+of the clean pass and the compared logits, about 1e-4 here, where differences of about 6e-7
+are measured; see the derivation in tests/reference.py). A wrong mask or look-up moves logits
 by far more: every cell is checked to differ from the clean model by more than the bound.
 """
 
-import numpy as np
 import pytest
 import torch
 
 import reference
+from reference import assert_logits_close
 from conftest import wrap_tiny
 from interventions.executors.fast import FastExecutor
 from interventions.executors.reference import NnsightExecutor
@@ -32,6 +33,9 @@ from interventions.mechanisms.plan import AF1Plan
 from interventions.mechanisms.traced import apply_af1
 from interventions.pipeline.experiments import alternative_cells, necessity_cells
 from tiny import ARCHITECTURES, digit_tokenizer
+
+pytestmark = pytest.mark.precision
+
 
 # Token lengths 1, 4, 13 and 15 (characters are tokens; no BOS, so the first character is the
 # sink): both of the fast executor's batches of 5 are left padded.
@@ -90,30 +94,6 @@ def setup(request):
     return Setup(*request.param)
 
 
-def assert_same(got, want, bound, what, answers=None, each_decided=True):
-    """``got`` (logits ``(N, V)``, or Predictions with ``answers``) equals the reference
-    logits ``want`` ``(N, V)``: logits within ``bound`` and the same predictions wherever the
-    reference's top two are further apart than twice the bound (closer ones are float32 ties).
-    Returns the largest difference and the number of prompts whose predictions were compared
-    (``each_decided=False``: the caller checks that most were)."""
-    top2 = want.topk(2, -1).values
-    decided = (top2[:, 0] - top2[:, 1] > 2 * bound).numpy()
-    # Random tiny models under heavy ablation (zero waits, short sliding windows) can tie on a
-    # few prompts; most must be decided so that predictions are really compared.
-    assert not each_decided or 2 * decided.sum() >= len(decided), \
-        f"{what}: too many ties to compare predictions"
-    if answers is None:
-        diff = float((got - want).abs().max())
-        pred = got.argmax(-1).numpy()
-    else:
-        want_answer = want.gather(-1, torch.tensor(answers)[:, None])[:, 0].numpy()
-        diff = float(np.abs(got.answer_logits - want_answer).max())
-        pred = got.pred_ids
-    assert diff <= bound, f"{what}: |logit difference| {diff:.2e} > bound {bound:.2e}"
-    assert np.array_equal(pred[decided], want.argmax(-1).numpy()[decided]), what
-    return diff, int(decided.sum())
-
-
 def af1_cells(setup, plans):
     """``(tag, plan, table layer, hook arguments)`` of AF1 plans."""
     return [(repr(p), p, setup.table.for_intervention(p.intervention(setup.n_layers)),
@@ -145,8 +125,8 @@ def test_fast_executor_equals_hooks_on_padded_batches(setup):
         want = setup.hook_logits(PROMPTS, hooks)
         bound = setup.bound(want)
         assert float((want - clean).abs().max()) > 10 * bound, f"{tag}: no effect to check"
-        worst = max(worst, assert_same(fast.last_logits(plan, cama), want, bound, tag)[0])
-        assert_same(shared[tag], want, bound, f"{tag} (run_many)", setup.answers)
+        worst = max(worst, assert_logits_close(fast.last_logits(plan, cama), want, bound, tag)[0])
+        assert_logits_close(shared[tag], want, bound, f"{tag} (run_many)", setup.answers)
     assert worst > 0  # the two implementations are independent, not bit-identical
 
 
@@ -166,10 +146,10 @@ def test_necessity_and_alternatives_one_prompt_at_a_time(setup):
             want = setup.hook_logits([prompt], hooks)
             bound = setup.bound(want)
             what = f"{tag} on {prompt!r}"
-            decided += assert_same(nnsight.run(plan, cama), want, bound, f"{what} (nnsight)",
-                                   [answer], each_decided=False)[1]
-            assert_same(fast_results[tag], want, bound, f"{what} (fast)", [answer],
-                        each_decided=False)
+            decided += assert_logits_close(nnsight.run(plan, cama), want, bound,
+                                           f"{what} (nnsight)", [answer], each_decided=False)[1]
+            assert_logits_close(fast_results[tag], want, bound, f"{what} (fast)", [answer],
+                                each_decided=False)
             compared += 1
     # One prompt may be a float32 tie under heavy ablation; most comparisons must be decided.
     assert 2 * decided >= compared
@@ -222,7 +202,7 @@ def test_af1_in_a_later_invoke_equals_hooks_and_leaves_the_others_clean(setup, b
                 want = model.hf(**model.encode(prompts)).logits[:, -1]
         else:
             want = setup.hook_logits(prompts, setup.hooks(plan))
-        assert_same(got, want, setup.bound(want), f"{prompts} under {plan}")
+        assert_logits_close(got, want, setup.bound(want), f"{prompts} under {plan}")
     # Sliding-window layers always get a mask from the model, so only models without them
     # reach the whole-batch branch.
     if (batch == "same length" and model.sites.attn_implementation == "sdpa"

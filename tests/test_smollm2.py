@@ -8,15 +8,13 @@ CAMA means; every non-sink (position, token) occurs at one token length, so thes
 table's means whether it is keyed by (position, token), as today, or also by token length, as
 the spec requires (see test_independent.py).
 
-Tolerance. From layer 12 on, SmolLM2's residual stream reaches 2.4e4 (about 2e-3 between two
-float32 neighbours), so the worst-case float32 bound of test_independent.py says nothing here.
-Each cell's bound comes from the hooks' own spread in the same run: the largest difference
-between their logits on the padded batch and on the same prompts batched otherwise (one
-unpadded batch per length; one prompt at a time where that is needed), which are the same
-arithmetic in other orders. The fast and nnsight paths may each be that far from the exact
-value, and so may the padded reference: ``bound = 4 * spread``, never below one float32
-rounding of the largest logit. Measured: spreads 4e-5 to 5e-5, and 2.1e-3 at (0, 1) (one
-prompt at a time); the fast path differs by at most 7.4e-5, and 2.5e-3 at (0, 1).
+Tolerance. From layer 2 on, SmolLM2's residual stream reaches 2.5e4 at the sink (about 2e-3
+between two float32 neighbours), and the last token reads the sink in every layer. Each cell's
+bound is ``reference.residual_rounding_bound`` at the largest |h| the hooks reach over the
+layers the cell runs (derived in tests/reference.py; 0.071 at (0, 1), where the fast path
+differs by 2.1e-3 to 2.5e-3 on the kernels tried, and 0.02 to 0.05 elsewhere, where it differs
+by 2e-5 to 7e-5). Its one assumption, that the layers carry a rounding of the residual stream
+to the logits without amplifying it, is checked here in float64.
 """
 
 import json
@@ -61,7 +59,7 @@ def test_smollm2_loads_as_a_30_layer_llama_with_digit_tokens(smollm2):
 
 class Comparison:
     """Every cell through the hooks, the fast executor and the nnsight executor, on the same
-    prompts, with the hooks' own spread across batchings."""
+    prompts, with each cell's rounding bound at the magnitudes the hooks reach."""
 
     def __init__(self, model):
         tokenizer = model.tokenizer
@@ -85,56 +83,40 @@ class Comparison:
         self.cells = cells
 
         self.hf = model.hf
-        self.alone = [model.encode([p]) for p in self.prompts]
-        batch = model.encode(self.prompts)  # one left-padded batch
-        n_default = len(default)  # the same prompts without padding: one batch per length
-        by_length = [model.encode(self.prompts[:n_default]), model.encode(self.prompts[n_default:])]
-        self.clean = reference.af1_logits_with_hooks(self.hf, batch, {})[:, -1]
-        self.hooks, self.hook_arguments, self.spread = {}, {}, {}
+        self.batch = batch = model.encode(self.prompts)  # one left-padded batch
+        with reference.ResidualMagnitude(self.hf) as seen:
+            self.clean = reference.af1_logits_with_hooks(self.hf, batch, {})[:, -1]
+        self.clean_bound = reference.residual_rounding_bound(reference.FLOAT32_EPS, seen.value, n)
+        self.hooks, self.bounds, self.hook_arguments = {}, {}, {}
+        self.decided = self.compared = 0
         for tag, _, _, hooks in cells:
-            logits = reference.af1_logits_with_hooks(self.hf, batch, *hooks)[:, -1]
-            unpadded = torch.cat([reference.af1_logits_with_hooks(self.hf, enc, *hooks)[:, -1]
-                                  for enc in by_length])
-            rounding = reference.FLOAT32_UNIT_ROUNDOFF * float(logits.abs().max())
-            self.hooks[tag], self.hook_arguments[tag] = logits, hooks
-            self.spread[tag] = max(rounding, float((unpadded - logits).abs().max()))
-        self.measured_alone = set()
+            self.hook_arguments[tag] = hooks
+            replace_layer = hooks[1] if len(hooks) > 1 else None
+            with reference.ResidualMagnitude(self.hf, first_layer=replace_layer or 0) as seen:
+                self.hooks[tag] = reference.af1_logits_with_hooks(self.hf, batch, *hooks)[:, -1]
+            self.bounds[tag] = reference.residual_rounding_bound(
+                reference.FLOAT32_EPS, seen.value, reference.layers_run(n, replace_layer))
 
         self.fast = FastExecutor(model, self.prompts, self.answers)
         self.fast_predictions = dict(self.fast.run_many([cell[:3] for cell in cells]))
         nnsight = NnsightExecutor(model, self.prompts, self.answers)
         self.nnsight_predictions = dict(nnsight.run_many([cell[:3] for cell in cells]))
 
-    def bound(self, tag, needed=0.0):
-        """``4 x`` the hooks' largest spread across batchings of the same prompts (never below
-        one float32 rounding of the largest logit). One prompt at a time is the costly batching:
-        it is measured only when the others leave the bound below ``needed``, as it can only
-        raise the bound, so a comparison passes exactly when it would with every batching."""
-        if needed > 4 * self.spread[tag] and tag not in self.measured_alone:
-            alone = reference.last_logits_one_by_one(self.hf, self.alone,
-                                                     *self.hook_arguments[tag])
-            self.spread[tag] = max(self.spread[tag],
-                                   float((alone - self.hooks[tag]).abs().max()))
-            self.measured_alone.add(tag)
-        return 4 * self.spread[tag]
+    def bound(self, tag):
+        """The float32 rounding bound of ``tag``'s last-position logits (module docstring)."""
+        return self.bounds[tag]
 
     def check(self, tag, got, what):
         """``got`` (last-position logits ``(N, V)``, or Predictions) equals the hooks: logits
-        within the bound, and the same predictions except where the hooks' top two are within
-        twice the bound (float32 ties: either may win in another evaluation order)."""
-        want = self.hooks[tag]
-        if isinstance(got, torch.Tensor):
-            diff, pred = float((got - want).abs().max()), got.argmax(-1).numpy()
-        else:
-            answers = torch.tensor(self.answers)[:, None]
-            want_answer = want.gather(-1, answers)[:, 0].numpy()
-            diff, pred = float(np.abs(got.answer_logits - want_answer).max()), got.pred_ids
-        gap = self.top_gap(want)
-        wrong = pred != want.argmax(-1).numpy()
-        bound = self.bound(tag, max([diff] + list(gap[wrong] / 2)))
-        assert diff <= bound, f"{tag} ({what}): |logit difference| {diff:.2e} > {bound:.2e}"
-        assert np.all(gap[wrong] <= 2 * bound), f"{tag} ({what}): predictions differ"
-        assert np.sum(gap <= 2 * bound) <= 1, f"{tag}: too many ties to compare predictions"
+        within the bound, and the same predictions where the bound decides them (a cell
+        under heavy ablation may leave most of its prompts within the bound of a tie; over
+        all cells most must be decided, counted in ``decided`` of ``compared``)."""
+        answers = None if isinstance(got, torch.Tensor) else self.answers
+        diff, decided = reference.assert_logits_close(got, self.hooks[tag], self.bound(tag),
+                                                      f"{tag} ({what})", answers,
+                                                      each_decided=False)
+        self.decided += decided
+        self.compared += len(self.prompts)
         return diff
 
     @staticmethod
@@ -149,6 +131,7 @@ def comparison(smollm2):
     return Comparison(smollm2)
 
 
+@pytest.mark.precision
 def test_af1_cells_equal_the_hook_implementation_prompt_by_prompt(comparison):
     c = comparison
     for tag, plan, cama, _ in c.cells:
@@ -157,6 +140,44 @@ def test_af1_cells_equal_the_hook_implementation_prompt_by_prompt(comparison):
         c.check(tag, c.nnsight_predictions[tag], "nnsight")
         effect = float((c.hooks[tag] - c.clean).abs().max())
         assert effect > 10 * c.bound(tag), f"{tag}: no effect to check"
+    assert 2 * c.decided >= c.compared, f"{c.decided} of {c.compared} predictions decided"
+
+
+@pytest.mark.parametrize("cell", [(0, 1), (20, 4)])
+def test_residual_rounding_reaches_the_logits_unamplified(comparison, cell):
+    """The one assumption of reference.residual_rounding_bound, checked in float64 (no float32
+    kernel involved): a rounding of every residual state, of every position, entering every
+    layer the cell runs (each entry moved by a random fraction of ``u * |h|``, u = 2^-24)
+    moves the last-position logits by no more than the bound for one evaluation. (0, 1) is the
+    cell most sensitive to the sink's state (measured 8e-4 against a bound of 0.035)."""
+    import copy
+
+    c = comparison
+    hf64 = copy.deepcopy(c.hf).double()
+    tag = repr(AF1Plan(*cell))
+    hooks = c.hook_arguments[tag]
+    first = hooks[1] or 0
+    exact = reference.af1_logits_with_hooks(hf64, c.batch, *hooks)[:, -1]
+    generator = torch.Generator().manual_seed(0)
+
+    def round_residual(module, args, kwargs):
+        hidden = args[0]
+        if hidden.shape[:2] != c.batch["input_ids"].shape:  # the window probe's own pass
+            return None
+        noise = torch.rand(hidden.shape, generator=generator, dtype=hidden.dtype) * 2 - 1
+        return (hidden + noise * reference.FLOAT32_EPS / 2 * hidden.abs(), *args[1:]), kwargs
+
+    layers = reference.decoder_layers(hf64)
+    handles = [layers[k].register_forward_pre_hook(round_residual, with_kwargs=True)
+               for k in range(first, len(layers))]
+    try:
+        rounded = reference.af1_logits_with_hooks(hf64, c.batch, *hooks)[:, -1]
+    finally:
+        for handle in handles:
+            handle.remove()
+    moved = float((rounded - exact).abs().max())
+    bound = c.bound(tag) / 2  # one evaluation
+    assert 0 < moved <= bound, f"{cell}: rounding moved the logits by {moved:.2e} > {bound:.2e}"
 
 
 def test_run_on_a_small_grid_writes_everything_and_scores_as_the_hooks_do(comparison, tmp_path,
@@ -183,11 +204,9 @@ def test_run_on_a_small_grid_writes_everything_and_scores_as_the_hooks_do(compar
         tag = repr(AF1Plan(w, t))
         af1 = c.hooks[tag][rows_of]
         af1_ok = af1.argmax(-1).numpy() == answers
-        # A prompt whose top two logits tie within the bound may count either way (none does
-        # here: their top two are at least 0.016 apart, the bound about 2e-4).
-        bound = c.bound(tag)
-        ties = int(((c.top_gap(af1) <= 2 * bound)
-                    | (c.top_gap(c.clean[rows_of]) <= 2 * bound)).sum())
+        # A prompt whose top two logits tie within the bound may count either way.
+        ties = int(((c.top_gap(af1) <= 2 * c.bound(tag))
+                    | (c.top_gap(c.clean[rows_of]) <= 2 * c.clean_bound)).sum())
         row = rows[(w, t)]
         assert abs(row["n_full_correct"] - int(full_ok.sum())) <= ties, (w, t)
         assert abs(row["n_af1_correct_of_full"] - int((full_ok & af1_ok).sum())) <= ties, (w, t)
