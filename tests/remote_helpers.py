@@ -18,6 +18,7 @@ from nnsight.intervention.backends.remote import RemoteError
 
 from interventions import AF1Plan, NnsightExecutor, build_cama_table
 from interventions.executors.remote.client import RemoteClient
+from interventions.executors.remote.transport import LocalTransport
 from interventions.mechanisms.plan import Intervention
 
 WORKER = Path(__file__).with_name("remote_worker.py")
@@ -113,11 +114,19 @@ class Recording:
 
 
 def quiet_client(model, transport, **options):
-    """A client that logs nothing and records its waits instead of sleeping."""
+    """A client that logs nothing and records its waits instead of sleeping (the backoff's
+    jitter at its top, so each wait is the full exponential step)."""
     sleeps = []
+    options = {"jitter": lambda: 1.0, **options}
     client = RemoteClient(model, transport=transport, log=lambda message: None,
                           sleep=sleeps.append, **options)
     return client, sleeps
+
+
+def trusted(model):
+    """NDIF's in-process path on ``model``: for tests of the client, where the server's path
+    does not matter (the sandbox's are in test_remote_sandbox.py)."""
+    return LocalTransport.for_model(model, server_path="trusted")
 
 
 class WorkerTransport:

@@ -17,7 +17,8 @@ import torch
 from conftest import wrap_tiny
 from remote_helpers import (N_LAYERS, Recording, af1_cells, arithmetic, assert_same,
                             assert_tables_close, data, intervention_of, llama,  # noqa: F401
-                            llama_reference, llama_table, ndif_installed, quiet_client)
+                            llama_reference, llama_table, ndif_installed, quiet_client,
+                            trusted)
 
 import tiny
 from interventions import (AF1Plan, NnsightExecutor, UserError, apply_af1, build_cama_table,
@@ -50,8 +51,8 @@ def test_remote_path_equals_local_path(arch, attn, digit_tok):
     local = NnsightExecutor(model, prompts, answers, batch_size=8)
     local_table = build_cama_table(model, prompts, "fp", layers, batch_size=8, progress=False)
 
-    client, _ = quiet_client(model, Recording(LocalTransport.for_model(model)))
-    assert LocalTransport.for_model(model).server_code == (
+    client, _ = quiet_client(model, Recording(trusted(model)))
+    assert trusted(model).server_code == (
         "ndif 0.1.2" if ndif_installed() else "stand-in")
     remote = RemoteExecutor(model, prompts, answers, batch_size=8, cells_per_request=6,
                             client=client)
@@ -79,7 +80,7 @@ def test_without_ndif_the_stand_in_server_gives_the_same_results(monkeypatch, ca
     monkeypatch.setattr(transport, "_NDIF", [])
     for name in ["ndif"] + [m for m in sys.modules if m.startswith("ndif.")]:
         monkeypatch.setitem(sys.modules, name, None)  # as if it were not installed
-    local = LocalTransport.for_model(llama)
+    local = trusted(llama)
     assert local.server_code == "stand-in"
     (notice,) = capsys.readouterr().out.splitlines()  # said once, in one line
     assert "NDIF's server code is not importable" in notice and "ndif==0.1.2" in notice
@@ -105,7 +106,7 @@ def test_nnsights_own_remote_local_backend_runs_the_same_requests(llama, data, l
             self.result = {"result": tracer.info.frame.f_locals["result"]}
 
     cells = af1_cells(llama_table)
-    client, _ = quiet_client(llama, LocalTransport.for_model(llama))
+    client, _ = quiet_client(llama, trusted(llama))
     remote = RemoteExecutor(llama, *data, batch_size=8, client=client)
     result = cells_session(llama.lm, llama.sites, Simulation(llama.lm),
                            [(intervention_of(plan), cama) for _, plan, cama in cells],
@@ -125,7 +126,7 @@ def test_smollm2_remote_path_equals_local_path():
     layers = [19, 20]
     local = NnsightExecutor(model, prompts, answers)
     local_table = build_cama_table(model, prompts, "fp", layers, progress=False)
-    client, _ = quiet_client(model, LocalTransport.for_model(model))
+    client, _ = quiet_client(model, trusted(model))
     remote = RemoteExecutor(model, prompts, answers, client=client)
     table = build_cama_table(model, prompts, "fp", layers, progress=False,
                              runner=remote.cama_runner())
@@ -148,7 +149,7 @@ def test_smollm2_remote_path_equals_local_path():
 def test_requests_import_only_what_the_server_permits(llama, data, llama_table):
     prompts, answers = data
     table = llama_table
-    transport = Recording(LocalTransport.for_model(llama))
+    transport = Recording(trusted(llama))
     client, _ = quiet_client(llama, transport)
     remote = RemoteExecutor(llama, prompts, answers, batch_size=8, client=client)
     build_cama_table(llama, prompts, "fp", [2], batch_size=8, progress=False,
@@ -199,7 +200,7 @@ def test_cama_layers_travel_once_per_request_in_the_model_dtype(digit_tok, data)
     assert layer_bytes < table.means[0].nbytes + table.keys.nbytes + 4000 < table.means.nbytes
 
     def upload(plans):
-        transport = Recording(LocalTransport.for_model(model))
+        transport = Recording(trusted(model))
         client, _ = quiet_client(model, transport, compress=False)
         remote = RemoteExecutor(model, prompts, answers, batch_size=8, client=client)
         list(remote.run_many([(p, p, table.for_intervention(p.intervention(N_LAYERS)))
@@ -221,7 +222,7 @@ def test_cama_layers_travel_once_per_request_in_the_model_dtype(digit_tok, data)
 
 def test_local_server_result_is_what_ndif_sends(llama, data):
     prompts, answers = data
-    transport = Recording(LocalTransport.for_model(llama))
+    transport = Recording(trusted(llama))
     client, _ = quiet_client(llama, transport, compress=True)
     RemoteExecutor(llama, prompts, answers, batch_size=8, client=client).clean()
     content, _ = transport.inner.send(transport.blobs[0], True)
@@ -252,7 +253,7 @@ def test_local_server_refuses_code_a_server_could_not_import(tmp_path, llama, mo
     monkeypatch.delitem(sys.modules, "helper_mod", raising=False)
     from helper_mod import double
 
-    client, _ = quiet_client(llama, LocalTransport.for_model(llama))
+    client, _ = quiet_client(llama, trusted(llama))
     enc = llama.encode(["Calculate: 3+4="])
     lm = llama.lm  # the block may name the nnsight model, not the AF1Model around it
     with pytest.raises(RemoteRunError, match="could not read it.*No module named 'helper_mod'"):
@@ -419,7 +420,7 @@ def test_dry_run_plans_exactly_the_requests_a_run_sends(llama, data, split):
     assert n == 6 if split else n == 5  # self-check, CAMA (+ clean), cells 5 + 5 + 1
     assert f"total: {n} requests, 11 configurations" in text
 
-    transport = Recording(LocalTransport.for_model(llama))
+    transport = Recording(trusted(llama))
     client, _ = quiet_client(llama, transport, compress=False, max_request_bytes=budget)
     assert run_self_check(client, llama, prompts).passed
     remote = RemoteExecutor(llama, prompts, answers, batch_size=8, cells_per_request=5,

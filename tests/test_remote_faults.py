@@ -11,7 +11,7 @@ import httpx
 import pytest
 from nnsight.intervention.backends.remote import RemoteError
 from remote_helpers import (Recording, af1_cells, assert_same, data, llama,  # noqa: F401
-                            llama_reference, llama_table, quiet_client)
+                            llama_reference, llama_table, quiet_client, trusted)
 
 from interventions import UserError
 from interventions.executors.remote.client import RemoteClient, RemoteRunError
@@ -42,7 +42,7 @@ def ledger_state(directory):
 def test_retries_back_off_and_recover(llama, data, llama_reference):
     prompts, answers = data
     reference = llama_reference["clean"]
-    transport = Recording(LocalTransport.for_model(llama),
+    transport = Recording(trusted(llama),
                           [ConnectionError("connection reset"), RemoteError("CUDA out of memory")])
     client, sleeps = quiet_client(llama, transport)
     remote = RemoteExecutor(llama, prompts, answers, batch_size=8, client=client)
@@ -59,7 +59,7 @@ def test_retries_back_off_and_recover(llama, data, llama_reference):
 def test_retries_are_bounded_and_say_how_to_resume(llama, data):
     prompts, answers = data
     failures = [TimeoutError("read timed out")] * 3
-    client, sleeps = quiet_client(llama, Recording(LocalTransport.for_model(llama), failures),
+    client, sleeps = quiet_client(llama, Recording(trusted(llama), failures),
                                   max_retries=2, backoff_s=10.0, max_backoff_s=15.0)
     remote = RemoteExecutor(llama, prompts, answers, batch_size=8, client=client)
     with pytest.raises(RemoteRunError, match="after 3 attempts.*rerunning the same command"):
@@ -80,7 +80,7 @@ def test_errors_that_retrying_cannot_fix_are_raised_at_once(llama, data):
             (ValueError("a bug"), ValueError, "a bug"),  # not the service's: as it is
             (unauthorized, RemoteRunError,
              "NDIF refused request full model: Failed to send request: Missing or invalid API")):
-        transport = Recording(LocalTransport.for_model(llama), [failure])
+        transport = Recording(trusted(llama), [failure])
         client, sleeps = quiet_client(llama, transport)
         remote = RemoteExecutor(llama, prompts, answers, batch_size=8, client=client)
         with pytest.raises(raised, match=message):
@@ -119,7 +119,7 @@ def test_a_job_error_that_would_recur_stops_at_once_with_one_line(llama, data, l
     prompts, answers = data
     layer = llama_table.layer(2)
     partial = CamaLayer(2, layer.keys[:3], layer.means[:3], "cama")
-    transport = Recording(LocalTransport.for_model(llama))
+    transport = Recording(trusted(llama))
     client, sleeps = quiet_client(llama, transport)
     remote = RemoteExecutor(llama, prompts, answers, batch_size=8, client=client)
     with pytest.raises(RemoteRunError) as raised:
@@ -139,13 +139,13 @@ def test_requests_over_the_byte_budget_are_split_in_halves(llama, data, llama_ta
                                                            llama_reference):
     prompts, answers = data
     cells = af1_cells(llama_table)[:8]
-    whole = Recording(LocalTransport.for_model(llama))
+    whole = Recording(trusted(llama))
     client, _ = quiet_client(llama, whole, compress=False)
     list(RemoteExecutor(llama, prompts, answers, batch_size=8, cells_per_request=8,
                         client=client).run_many(cells))
     (size,) = [len(b) for b in whole.blobs]
 
-    transport = Recording(LocalTransport.for_model(llama))
+    transport = Recording(trusted(llama))
     client, _ = quiet_client(llama, transport, compress=False, max_request_bytes=size - 1)
     got = dict(RemoteExecutor(llama, prompts, answers, batch_size=8, cells_per_request=8,
                               client=client).run_many(cells))
@@ -182,7 +182,7 @@ def test_http_413_halves_the_request_and_lowers_the_budget(llama, data):
                 raise too_large()
             return super().send(blob, compress)
 
-    transport = FrontEnd(LocalTransport.for_model(llama))
+    transport = FrontEnd(trusted(llama))
     client, sleeps = quiet_client(llama, transport, compress=False, max_request_bytes=None)
     remote = RemoteExecutor(llama, prompts, answers, batch_size=8, cells_per_request=8,
                             client=client)
@@ -211,7 +211,7 @@ def test_a_rerun_resumes_from_the_ledger(tmp_path, llama, data, llama_table, lla
                 raise ConnectionError("network down")
             return super().send(blob, compress)
 
-    first, _ = quiet_client(llama, DiesAfter(LocalTransport.for_model(llama)),
+    first, _ = quiet_client(llama, DiesAfter(trusted(llama)),
                             ledger=tmp_path / "ledger", max_retries=1)
     remote = RemoteExecutor(llama, prompts, answers, batch_size=8, cells_per_request=8,
                             client=first)
@@ -221,7 +221,7 @@ def test_a_rerun_resumes_from_the_ledger(tmp_path, llama, data, llama_table, lla
             done.append(tag)
     assert len(done) == 8  # the first request finished and was yielded
 
-    transport = Recording(LocalTransport.for_model(llama))
+    transport = Recording(trusted(llama))
     second, _ = quiet_client(llama, transport, ledger=tmp_path / "ledger")
     remote = RemoteExecutor(llama, prompts, answers, batch_size=8, cells_per_request=8,
                             client=second)
@@ -236,7 +236,7 @@ def test_a_rerun_resumes_from_the_ledger(tmp_path, llama, data, llama_table, lla
 def test_submit_now_collect_later(tmp_path, llama, data, llama_table, llama_reference):
     prompts, answers = data
     cells = af1_cells(llama_table)
-    server = LocalTransport.for_model(llama)  # holds the submitted jobs, as NDIF would
+    server = trusted(llama)  # holds the submitted jobs, as NDIF would
 
     transport = Recording(server)
     client, _ = quiet_client(llama, transport, blocking=False, ledger=tmp_path / "ledger")
@@ -266,7 +266,7 @@ def test_a_job_that_never_finishes_times_out_and_is_polled_again(tmp_path, llama
             self.calls["poll"] += 1
             return None
 
-    transport = Stuck(LocalTransport.for_model(llama))
+    transport = Stuck(trusted(llama))
     client, sleeps = quiet_client(llama, transport, blocking=False, timeout_s=0.0,
                                   max_retries=2, ledger=tmp_path / "l" if with_ledger else None)
     with pytest.raises(RemoteRunError, match="did not finish"):
@@ -285,7 +285,7 @@ def test_a_job_that_failed_on_the_server_is_submitted_again(llama, data, llama_r
                 raise RemoteError("job failed: CUDA out of memory")
             return self.inner.poll(job_id, compress)
 
-    transport = FailsOnce(LocalTransport.for_model(llama))
+    transport = FailsOnce(trusted(llama))
     client, sleeps = quiet_client(llama, transport, blocking=False)
     clean = RemoteExecutor(llama, prompts, answers, batch_size=8, client=client).clean()
     assert_same(llama_reference["clean"], clean)
@@ -298,7 +298,7 @@ def test_an_expired_result_is_resubmitted_and_recorded(tmp_path, llama, data, ll
     submitted again, and the ledger and the stats say which jobs expired."""
     prompts, answers = data
     cells = af1_cells(llama_table)
-    server = LocalTransport.for_model(llama)
+    server = trusted(llama)
     client, _ = quiet_client(llama, Recording(server), blocking=False, ledger=tmp_path / "l")
     old = RemoteExecutor(llama, prompts, answers, batch_size=8, cells_per_request=8,
                          client=client).submit(cells)
@@ -337,7 +337,7 @@ def test_the_overall_time_out_stops_a_blocking_wait(llama, data):
             release.wait()
             raise ConnectionError("gone")
 
-    client, _ = quiet_client(llama, Hangs(LocalTransport.for_model(llama)),
+    client, _ = quiet_client(llama, Hangs(trusted(llama)),
                              overall_timeout_s=0.2)
     try:
         with pytest.raises(ClientTimeout) as raised:
@@ -362,7 +362,7 @@ def test_the_overall_time_out_keeps_a_submitted_job_for_the_rerun(tmp_path, llam
     def sleep(seconds):
         now[0] += seconds
 
-    server = LocalTransport.for_model(llama)
+    server = trusted(llama)
     stuck = Stuck(server)
     client = RemoteClient(llama, transport=stuck, blocking=False, ledger=tmp_path / "l",
                           overall_timeout_s=60.0, poll_interval_s=7.0, log=lambda m: None,
@@ -386,7 +386,7 @@ def test_ctrl_c_leaves_the_ledger_consistent_and_a_rerun_resumes(tmp_path, monke
                                                                  llama_reference):
     prompts, answers = data
     cells = af1_cells(llama_table)
-    server = LocalTransport.for_model(llama)
+    server = trusted(llama)
     blocking = where != "polling"
 
     class Interrupted(Recording):
@@ -525,7 +525,7 @@ class FakeNdif:
 
         return Client()
 
-    def create_connection(self, url, header=None):
+    def create_connection(self, url, header=None, timeout=None):
         ndif = self
         self.sockets += 1
 
@@ -565,7 +565,7 @@ def fake_network(monkeypatch, llama, ndif):
 @pytest.mark.parametrize("blocking", [True, False])
 def test_ndif_transport_through_nnsights_client_on_a_fake_network(monkeypatch, blocking, llama,
                                                                   data, llama_reference):
-    ndif = FakeNdif(LocalTransport.for_model(llama), fail_posts=1)
+    ndif = FakeNdif(trusted(llama), fail_posts=1)
     transport = fake_network(monkeypatch, llama, ndif)
     client, sleeps = quiet_client(llama, transport, blocking=blocking)
     remote = RemoteExecutor(llama, *data, batch_size=8, client=client)
@@ -603,7 +603,7 @@ def test_413_and_expired_links_through_nnsights_client(monkeypatch, llama, data,
     # Sizes of the whole request and of each half. The same request need not serialize to the
     # same number of bytes twice (cloudpickle 3 differs by a few bytes), so the limit lies
     # halfway between the larger half and the whole, not one byte under the whole.
-    measure = FakeNdif(LocalTransport.for_model(llama))
+    measure = FakeNdif(trusted(llama))
     client, _ = quiet_client(llama, fake_network(monkeypatch, llama, measure))
     for part in (cells, cells[:1], cells[1:]):
         list(RemoteExecutor(llama, prompts, answers, batch_size=8, client=client).run_many(part))
@@ -611,7 +611,7 @@ def test_413_and_expired_links_through_nnsights_client(monkeypatch, llama, data,
     assert max(halves) < whole
     limit = (max(halves) + whole) // 2
 
-    ndif = FakeNdif(LocalTransport.for_model(llama), max_body=limit, expire=1)
+    ndif = FakeNdif(trusted(llama), max_body=limit, expire=1)
     client, sleeps = quiet_client(llama, fake_network(monkeypatch, llama, ndif), blocking=False)
     got = dict(RemoteExecutor(llama, prompts, answers, batch_size=8, client=client)
                .run_many(cells))

@@ -18,7 +18,7 @@ from conftest import wrap_tiny
 from nnsight import save
 from remote_helpers import (N_LAYERS, WorkerTransport, arithmetic, assert_same,  # noqa: F401
                             assert_tables_close, data, intervention_of, llama, needs_ndif,
-                            quiet_client)
+                            quiet_client, trusted)
 
 import tiny
 from interventions import (AF1Plan, NnsightExecutor, UserError, apply_af1, build_cama_table,
@@ -232,7 +232,7 @@ def test_ndifs_own_rejections_are_not_retried():
 def test_a_server_model_with_other_modules_fails_the_self_check_with_its_cause(llama, data,
                                                                                digit_tok):
     server = wrap_tiny("llama", digit_tok, "sdpa", n_layers=N_LAYERS - 1)
-    client, sleeps = quiet_client(llama, LocalTransport.for_model(server))
+    client, sleeps = quiet_client(llama, trusted(server))
     check = run_self_check(client, llama, data[0])
     assert not check.passed and check.compared == [] and sleeps == []
     with pytest.raises(UserError) as raised:
@@ -338,7 +338,7 @@ def test_several_invokes_keep_their_own_masks_in_ndifs_sandbox(tmp_path, llama, 
 def test_the_self_check_passes_where_the_interventions_work(arch, attn, digit_tok):
     model = wrap_tiny(arch, digit_tok, attn)
     prompts, _ = arithmetic(digit_tok)
-    client, _ = quiet_client(model, LocalTransport.for_model(model))
+    client, _ = quiet_client(model, trusted(model))
     check = run_self_check(client, model, prompts)
     assert check.passed and check.check() is check
     values = {c["check"]: c["value"] for c in check.compared}
@@ -357,14 +357,17 @@ def test_the_self_check_catches_a_mask_slot_the_layers_ignore(llama, data):
     model = copy.copy(llama)  # the slot as a client with another transformers might resolve it
     model.sites = ModelSites(sites.root, sites.layers, None, "not_the_mask",
                              sites.attn_implementation)
-    client, _ = quiet_client(model, LocalTransport.for_model(llama))
+    client, _ = quiet_client(model, trusted(llama))
     check = run_self_check(client, model, data[0], server_transformers="9.9.9")
     failed = [c["check"] for c in check.compared if not c["passed"]]
     assert not check.passed and failed == ["sink_self"]
+    bound = f"{(N_LAYERS + 1) * torch.finfo(torch.float32).eps:.3g}"
     with pytest.raises(UserError, match=r"a sink-and-self mask at every layer changes the logits "
-                                        r"does not hold \(sink_self = 0, expected > 0\); likely "
-                                        r"cause: the attention-mask slot resolved on the client "
-                                        r"\(argument None or keyword 'not_the_mask'\)"):
+                                        r"does not hold \(sink_self = 0, relative to the clean "
+                                        rf"magnitude; bound {bound} for float32, expected > "
+                                        rf"{bound}\); likely cause: the attention-mask slot "
+                                        r"resolved on the client \(argument None or keyword "
+                                        r"'not_the_mask'\)"):
         check.check()
     with pytest.raises(UserError, match=r"transformers \S+ here, 9\.9\.9 on the server"):
         check.check()
@@ -380,7 +383,7 @@ def test_the_self_check_catches_a_write_that_lands_elsewhere(monkeypatch, llama,
         return torch.roll(rows, 1, dims=1)
 
     monkeypatch.setattr(selfcheck, "_expected_rows", shifted)
-    client, _ = quiet_client(llama, LocalTransport.for_model(llama))
+    client, _ = quiet_client(llama, trusted(llama))
     check = run_self_check(client, llama, data[0])
     assert [c["check"] for c in check.compared if not c["passed"]] == ["write_error"]
     with pytest.raises(UserError, match="layer w receives the CAMA row of every non-sink token "
