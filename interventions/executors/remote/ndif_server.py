@@ -33,6 +33,7 @@ import shutil
 import sys
 import tempfile
 import traceback
+import weakref
 from pathlib import Path
 
 import torch
@@ -191,6 +192,7 @@ class ModelActor:
             python = runner_python(_runner_directory(), internals.project_roots())
             self._pool = Pool(size=self.pool_size, python=python, quiet=True,
                               model_key=self.model_key)
+            weakref.finalize(self, self._pool.close)  # an actor dropped unclosed stops them too
         return self._pool
 
     def error_text(self, error: BaseException) -> str:
