@@ -49,6 +49,19 @@ def arithmetic(tokenizer, n=30):
     return prompts, answers
 
 
+def digit_prompts_with_templates(tokenizer, n=24):
+    """Prompts of two templates (the same first token, the sink) with each prompt's template
+    as its CAMA group: ``(prompts, answers, groups)``."""
+    pairs = [(a, b) for a in (3, 7, 12, 25) for b in range(1, 7)][:n // 2]
+    prompts, answers, groups = [], [], []
+    for group, template in enumerate(("Calculate: {}+{}=", "Calculate {} plus {}: ")):
+        for a, b in pairs:
+            prompts.append(template.format(a, b))
+            answers.append(tokenizer.convert_tokens_to_ids(str(a + b)[0]))
+            groups.append(group)
+    return prompts, answers, groups
+
+
 def af1_cells(table):
     """A grid, the necessity interventions and the AF1 variants, with the table layer each
     needs: ``[(tag, plan_or_intervention, cama)]``."""

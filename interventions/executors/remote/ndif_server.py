@@ -187,11 +187,9 @@ class ModelActor:
 
     def _runners(self):
         if self._pool is None:
-            from ndif.services.ray.sandbox.host import Pool
-
             python = runner_python(_runner_directory(), internals.project_roots())
-            self._pool = Pool(size=self.pool_size, python=python, quiet=True,
-                              model_key=self.model_key)
+            self._pool = _pool_class()(size=self.pool_size, python=python, quiet=True,
+                                       model_key=self.model_key)
             weakref.finalize(self, self._pool.close)  # an actor dropped unclosed stops them too
         return self._pool
 
@@ -207,6 +205,24 @@ class ModelActor:
         if self._pool is not None:
             self._pool.close()
             self._pool = None
+
+
+# How long a runner may take to start (import torch and nnsight, try its meta model). NDIF's
+# pool allows 30 s, sized for a GPU node; a busy 2-core machine can take longer.
+RUNNER_START_S = 300.0
+
+
+def _pool_class():
+    """NDIF's runner pool, its runners allowed :data:`RUNNER_START_S` to start."""
+    from ndif.services.ray.sandbox.host import Pool, spawn
+
+    class RunnerPool(Pool):
+        def _spawn(self):
+            return spawn(python=self.python, quiet=self.quiet, peers=self.peers,
+                         model_key=self.model_key, trust_remote_code=self.trust_remote_code,
+                         timeout=RUNNER_START_S)
+
+    return RunnerPool
 
 
 _RUNNER_DIRECTORY: list[Path] = []
