@@ -447,17 +447,21 @@ class FakeNdif:
 
     Faults: the first ``fail_posts`` POSTs fail to connect; a body over ``max_body`` bytes is
     refused with HTTP 413; the links of the first ``expire`` results answer 403, as an expired
-    presigned link does.
+    presigned link does; the first ``silent_sockets`` websockets say nothing after the session
+    id (a half-open connection); the response route answers HTTP 404 for the ``unknown`` jobs
+    (NDIF records no status there for a job posted with a websocket session).
     """
 
-    def __init__(self, server, fail_posts=0, max_body=None, expire=0):
+    def __init__(self, server, fail_posts=0, max_body=None, expire=0, silent_sockets=0,
+                 unknown=()):
         from nnsight.schema.response import ResponseModel, Status
 
         self.Response, self.Status = ResponseModel, Status
         self.server = server
         self.fail_posts, self.max_body, self.expire = fail_posts, max_body, expire
+        self.silent_sockets, self.unknown = silent_sockets, set(unknown)
         self.posts, self.results, self.expired = [], {}, set()
-        self.sockets = self.polls = self.refused = 0
+        self.sockets = self.polls = self.refused = self.unknown_polls = 0
 
     def _status(self, job_id, status, data=None):
         return self.Response(id=job_id, status=status, data=data).model_dump_json()
@@ -510,6 +514,9 @@ class FakeNdif:
             def get(self, url, headers=None):
                 ndif.polls += 1
                 job_id = url.rsplit("/", 1)[1]
+                if job_id in ndif.unknown:
+                    ndif.unknown_polls += 1
+                    return Reply(status_code=404)
                 return Reply(text=ndif._status(job_id, ndif.Status.COMPLETED,
                                                f"https://store/{job_id}"))
 
@@ -526,13 +533,20 @@ class FakeNdif:
         return Client()
 
     def create_connection(self, url, header=None, timeout=None):
+        import websocket
+
         ndif = self
         self.sockets += 1
+
+        silent = self.silent_sockets > 0
+        self.silent_sockets -= silent
 
         class Socket:
             frames = [json.dumps({"session_id": "session-1"})]
 
             def recv(self):
+                if not self.frames and silent:
+                    raise websocket.WebSocketTimeoutException("timed out")
                 if not self.frames:  # after the POST: the job's completion
                     job_id = f"job-{len(ndif.posts) - 1}"
                     return ndif._status(job_id, ndif.Status.COMPLETED, f"https://store/{job_id}")
@@ -547,7 +561,7 @@ class FakeNdif:
         return Socket()
 
 
-def fake_network(monkeypatch, llama, ndif):
+def fake_network(monkeypatch, llama, ndif, silence_s=None):
     """An NdifTransport that reaches ``ndif`` through nnsight's own client code."""
     import websocket
     from nnsight.schema.config import CONFIG
@@ -557,7 +571,8 @@ def fake_network(monkeypatch, llama, ndif):
     monkeypatch.setattr(httpx, "Client", ndif.client)
     monkeypatch.setattr(websocket, "create_connection", ndif.create_connection)
     monkeypatch.setattr(CONFIG.APP, "REMOTE_LOGGING", False)
-    transport = NdifTransport(llama.lm, host="https://ndif.test", api_key="key-123")
+    transport = NdifTransport(llama.lm, host="https://ndif.test", api_key="key-123",
+                              silence_s=silence_s)
     transport._model_key = "nnsight.modeling.transformers.TransformersModel:{}"  # no Hub here
     return transport
 
@@ -622,3 +637,170 @@ def test_413_and_expired_links_through_nnsights_client(monkeypatch, llama, data,
     assert second.resubmitted_from == [] and len(ndif.posts) == 3
     for tag, _, _ in cells:
         assert_same(llama_reference[tag], got[tag])
+
+
+# -- NDIF's execution time-out, silent connections, lost jobs, "try again" ------------------------
+
+
+TIMEOUT = "Your job exceeded the execution timeout of 3600.0s."  # NDIF 0.1.2's words
+
+
+class TimesOut(Recording):
+    """A server whose execution time-out a request of more than ``limit`` forward passes
+    exceeds (each prompt batch of a configuration is one forward pass; ``traces`` is set to the
+    request's count as the client delivers it)."""
+
+    def __init__(self, inner, limit):
+        super().__init__(inner)
+        self.limit, self.traces, self.timed_out = limit, None, []
+
+    def send(self, blob, compress):
+        if self.traces > self.limit:
+            self.calls["send"] += 1
+            self.timed_out.append(self.traces)
+            raise RemoteError(TIMEOUT)
+        return super().send(blob, compress)
+
+
+def test_an_execution_time_out_splits_the_request_recursively_and_is_recorded(
+        llama, data, llama_table, llama_reference):
+    """Never sent again as it was: halved until it fits (down to one configuration), later
+    requests split before they are sent, and the stats name the requests that timed out."""
+    prompts, answers = data
+    cells = af1_cells(llama_table)[:8]  # 8 configurations x 5 batches = 40 forward passes
+    transport = TimesOut(trusted(llama), limit=5)
+    client, sleeps = quiet_client(llama, transport)
+    original = client.deliver
+
+    def deliver(blob, kind, label, key, n_cells, traces):
+        transport.traces = traces
+        return original(blob, kind, label, key, n_cells, traces)
+
+    client.deliver = deliver
+    remote = RemoteExecutor(llama, prompts, answers, batch_size=8, cells_per_request=8,
+                            client=client)
+    got = dict(remote.run_many(cells))
+    # 40 -> 20 -> 10 -> 5 forward passes: three time-outs, each split, none retried as it was
+    assert transport.timed_out == [40, 20, 10] and sleeps == []
+    assert [r.cells for r in client.stats.requests] == [1] * 8
+    stats = client.stats.to_dict()
+    assert stats["execution_timeouts"] == ["cells 1-8 of 8", "cells 1-4 of 8", "cells 1-2 of 8"]
+    assert stats["max_traces"] == 9 and client.max_traces == 9
+    for tag, _, _ in cells:
+        assert_same(llama_reference[tag], got[tag])
+    # A single configuration that times out is one line: nothing left to split.
+    transport.limit = 0
+    with pytest.raises(RemoteRunError, match=r"ran past NDIF's execution time-out with a single "
+                                             r"configuration \(5 forward passes; Your job "
+                                             r"exceeded the execution timeout of 3600\.0s\.\)"):
+        list(RemoteExecutor(llama, prompts, answers, batch_size=8, client=client)
+             .run_many(cells[:1]))
+
+
+def test_a_job_unknown_past_the_bound_is_given_up_resubmitted_and_recorded(
+        tmp_path, llama, data, llama_table, llama_reference):
+    """``--submit``, then collecting a job NDIF no longer knows (HTTP 404 from its response
+    route): polled until ``unknown_after_s``, then given up (said in the log), submitted again
+    and recorded in the ledger and the stats."""
+    from interventions.executors.remote.faults import JobUnknown
+
+    prompts, answers = data
+    cells = af1_cells(llama_table)[:2]
+    server = trusted(llama)
+    client, _ = quiet_client(llama, Recording(server), blocking=False, ledger=tmp_path / "l")
+    (old,) = RemoteExecutor(llama, prompts, answers, batch_size=8, client=client).submit(cells)
+    server._jobs.clear()  # NDIF lost it
+    now, logged = [0.0], []
+
+    class Lost(Recording):
+        def poll(self, job_id, compress):
+            self.calls["poll"] += 1
+            try:
+                return self.inner.poll(job_id, compress)
+            except JobUnknown:
+                now[0] += 100.0  # each poll a hundred seconds later
+                raise
+
+    later = Lost(server)
+    client = RemoteClient(llama, transport=later, blocking=False, ledger=tmp_path / "l",
+                          unknown_after_s=250.0, log=logged.append, sleep=lambda s: None,
+                          clock=lambda: now[0])
+    got = dict(RemoteExecutor(llama, prompts, answers, batch_size=8, client=client).run_many(
+        cells))
+    for tag, _, _ in cells:
+        assert_same(llama_reference[tag], got[tag])
+    # first unknown at 100 s, still at 200, 300, 400 s: given up once 250 s have passed, then
+    # resubmitted, and the new job collected at the fifth poll
+    assert later.calls == {"send": 0, "submit": 1, "poll": 5}
+    assert any(f"NDIF has had no record of job {old} for 300 s; giving it up and submitting "
+               "the request again" in line for line in logged)
+    (record,) = client.stats.requests
+    assert record.lost_jobs == [old] and client.stats.to_dict()["n_lost"] == 1
+    index, _ = ledger_state(tmp_path / "l")
+    (entry,) = index.values()
+    assert entry["lost_jobs"] == [old] and entry["state"] == "done"
+
+
+def test_503_backs_off_with_jitter_for_minutes_and_honours_retry_after(llama, data,
+                                                                       llama_reference):
+    prompts, answers = data
+
+    def busy(retry_after=None):
+        request = httpx.Request("POST", "https://ndif.test/request")
+        headers = {"Retry-After": str(retry_after)} if retry_after is not None else {}
+        response = httpx.Response(503, request=request, headers=headers,
+                                  json={"detail": "try again"})
+        error = RemoteError("Failed to send request: try again")
+        error.__cause__ = httpx.HTTPStatusError("503", request=request, response=response)
+        return error
+
+    # Eight refusals: more than the 3 retries of other failures, within the 8 of "try again".
+    failures = [busy() for _ in range(6)] + [busy(retry_after=250), busy()]
+    jitter = iter([0.0, 1.0, 0.5, 0.0, 1.0, 0.5, 0.0, 1.0])
+    transport = Recording(trusted(llama), failures)
+    client, sleeps = quiet_client(llama, transport, jitter=lambda: next(jitter))
+    clean = RemoteExecutor(llama, prompts, answers, batch_size=8, client=client).clean()
+    assert_same(llama_reference["clean"], clean)
+    # 2 s doubling, capped at 300 s, each jittered to 50-100 %; Retry-After (250 s) raises one
+    steps = [2, 4, 8, 16, 32, 64, 128, 256]
+    factors = [0.5, 1.0, 0.75, 0.5, 1.0, 0.75, 0.5, 1.0]
+    expected = [s * f for s, f in zip(steps, factors)]
+    expected[6] = 250.0
+    assert sleeps == pytest.approx(expected)
+    assert client.stats.requests[-1].attempts == 9
+    # A ninth refusal is one too many.
+    transport = Recording(trusted(llama), [busy() for _ in range(9)])
+    client, sleeps = quiet_client(llama, transport)
+    with pytest.raises(RemoteRunError, match="failed after 9 attempts"):
+        RemoteExecutor(llama, prompts, answers, batch_size=8, client=client).clean()
+    assert len(sleeps) == 8 and max(sleeps) == 256.0
+
+
+def test_a_silent_websocket_falls_back_to_polling_then_resubmits(monkeypatch, tmp_path, llama,
+                                                                 data, llama_reference):
+    """Through nnsight's client on a fake network: the job is posted, then the websocket
+    says nothing for ``silence_s``. The client asks NDIF's response route about the job (a
+    blocking job has no record there: HTTP 404), gives it up, submits the request again over
+    HTTP and polls it; the ledger and the stats record the lost job."""
+    ndif = FakeNdif(trusted(llama), silent_sockets=1, unknown=["job-0"])
+    transport = fake_network(monkeypatch, llama, ndif, silence_s=0.01)
+    now, logged = [0.0], []
+
+    def sleep(seconds):
+        now[0] += seconds
+
+    client = RemoteClient(llama, transport=transport, ledger=tmp_path / "l", log=logged.append,
+                          sleep=sleep, clock=lambda: now[0], unknown_after_s=10.0,
+                          poll_interval_s=3.0, jitter=lambda: 1.0)
+    clean = RemoteExecutor(llama, *data, batch_size=8, client=client).clean()
+    assert_same(llama_reference["clean"], clean)
+    assert ndif.sockets == 1 and [p["meta"].get("session_id") or None for p in ndif.posts] == \
+        ["session-1", None]  # the second post is a submission without a websocket
+    assert ndif.unknown_polls == 5  # 0, 3, 6, 9, 12 s: past the 10 s bound
+    assert any("no status from NDIF for 0.01 s on the websocket (job job-0); asking NDIF's "
+               "response route about the job" in line for line in logged)
+    (record,) = client.stats.requests
+    assert record.lost_jobs == ["job-0"] and record.job_id == "job-1" and record.attempts == 3
+    index, _ = ledger_state(tmp_path / "l")
+    (entry,) = index.values()
+    assert entry["lost_jobs"] == ["job-0"] and entry["state"] == "done"
