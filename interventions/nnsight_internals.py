@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import importlib.abc
 import importlib.metadata
+import json
 import linecache
 import os
 import re
@@ -69,7 +70,8 @@ from nnsight.schema.request import RequestModel  # noqa: E402
 __all__ = ["PINNED_NNSIGHT", "TESTED_NNSIGHT", "RemoteError", "RequestModel", "BlobBackend",
            "SilentConnection",
            "apply_env", "current_batch_group", "execute_traced", "forget_sources",
-           "hide_project_modules", "isolated_source_cache", "model_key", "nnsight_version",
+           "hide_project_modules", "isolated_source_cache", "model_key",
+           "model_key_of_checkpoint", "nnsight_version",
            "persistent_objects", "prepare_env", "project_roots", "request_env", "return_saves",
            "warn_outside_tested_range", "within_tested_range", "wrapped_module"]
 
@@ -121,6 +123,16 @@ def apply_env(lm, env: dict | None) -> None:
     """Apply a request's environment to a server's model, as NDIF's model actor does before
     every request (``self.model._remoteable_set_env(request.env)``)."""
     lm._remoteable_set_env(env)
+
+
+def model_key_of_checkpoint(directory: str, task: str = "text-generation") -> str:
+    """The key of the nnsight model NDIF would load from a checkpoint ``directory``, formed by
+    nnsight from the class and its own fields (no model is built)."""
+    from nnsight.modeling.transformers import TransformersModel
+    from nnsight.util import to_import_path
+
+    return f"{to_import_path(TransformersModel)}:" + json.dumps(
+        {"repo_id": directory, "revision": None, "task": task})
 
 
 def model_key(lm) -> str:

@@ -16,6 +16,7 @@ from remote_helpers import (N_LAYERS, af1_cells, arithmetic, assert_same,  # noq
                             needs_ndif, quiet_client)
 
 from interventions import AF1Plan, NnsightExecutor, apply_af1, build_cama_table
+from interventions import nnsight_internals as internals
 from interventions.executors.remote.executor import RemoteExecutor
 from interventions.executors.remote.selfcheck import run_self_check
 from interventions.executors.remote.transport import LocalTransport
@@ -33,7 +34,8 @@ def sandbox(llama):
 
 def test_the_sandbox_is_ndifs_own_and_the_default(sandbox):
     assert (sandbox.server_path, sandbox.server_code) == ("sandbox", "ndif 0.1.2")
-    assert not any(p.requires_grad for p in sandbox.server_lm._module.parameters())
+    server = internals.wrapped_module(sandbox.server_lm)
+    assert not any(p.requires_grad for p in server.parameters())  # as NDIF's actor loads it
 
 
 def test_self_check_grouped_cama_sums_and_every_kind_of_cell(sandbox, llama, digit_tok):
