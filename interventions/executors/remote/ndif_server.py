@@ -60,7 +60,9 @@ class NotOnTheServer(importlib.abc.MetaPathFinder):
             raise ModuleNotFoundError(f"No module named {{name!r}} (not on the server)", name=name)
 sys.meta_path.insert(0, NotOnTheServer())
 os.chdir(os.path.dirname(os.path.abspath(__file__)))
-sys.stderr = open("runner.log", "a", buffering=1)
+log = open("runner.log", "a", buffering=1)
+os.dup2(log.fileno(), 2)
+sys.stderr = log
 module = sys.argv[2]
 sys.argv = [module] + sys.argv[3:]
 runpy.run_module(module, run_name="__main__", alter_sys=True)
