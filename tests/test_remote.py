@@ -34,6 +34,7 @@ from interventions.executors.remote.preflight import (KEY_URL, NdifAnswers, clos
 from interventions.executors.remote.selfcheck import run_self_check
 from interventions.executors.remote.transport import (LocalTransport, decode_result,
                                                       package_version)
+from interventions.nnsight_internals import RemoteError
 from interventions.mechanisms.plan import Intervention
 
 
@@ -288,9 +289,14 @@ def test_remote_model_has_no_weights_and_names_its_checkpoint(tmp_path, digit_to
 # -- preflight ------------------------------------------------------------------------------------
 
 
-def deployment(repo, level="HOT", state="RUNNING", revision="main"):
+def deployment(repo, level="HOT", state="RUNNING", revision="main", task="text-generation"):
+    """One entry of NDIF's ``/status`` as its controller writes it (a COLD entry, downloaded
+    only, has the repo id and the level alone)."""
+    if level == "COLD":
+        return {"repo_id": repo, "deployment_level": "COLD"}
     return {"repo_id": repo, "revision": revision, "deployment_level": level,
-            "application_state": state, "model_key": f"nnsight...TransformersModel:{repo}"}
+            "application_state": state, "task": task,
+            "model_key": f"nnsight...TransformersModel:{repo}"}
 
 
 STATUS = {"deployments": {str(i): d for i, d in enumerate([
@@ -318,11 +324,18 @@ def test_preflight_missing_key_says_how_to_set_it():
 
 
 def test_preflight_version_mismatch_names_both_versions():
-    env = {"packages": {"nnsight": "0.9.0"}}
+    env = {"packages": {"nnsight": "0.8.2"}}
     result = preflight_decision("meta-llama/Llama-3.1-8B", answers(server_env=env))
-    assert result.errors == [result.errors[0]]
-    assert "0.8.1" in result.errors[0] and "0.9.0" in result.errors[0]
-    assert "pip install nnsight==0.9.0" in result.errors[0]
+    assert result.errors == [
+        "nnsight 0.8.1 here but 0.8.2 on NDIF, which requires them to match: `pip install "
+        "nnsight==0.8.2`, or pass --allow-nnsight-mismatch to try anyway"]
+    allowed = preflight_decision("meta-llama/Llama-3.1-8B", answers(server_env=env),
+                                 allow_nnsight_mismatch=True)
+    assert allowed.ok and any("--allow-nnsight-mismatch: trying anyway" in w
+                              for w in allowed.warnings)
+    planned = preflight("meta-llama/Llama-3.1-8B", answers=answers(server_env=env), dry_run=True)
+    assert planned.summary.endswith("; the run needs `pip install nnsight==0.8.2`)")
+    assert planned.warnings == []
 
 
 def test_preflight_unknown_model_lists_hosted_models_and_suggests_the_closest():
@@ -335,11 +348,90 @@ def test_preflight_unknown_model_lists_hosted_models_and_suggests_the_closest():
     assert closest_model("EleutherAI/pythia-70m", ["openai-community/gpt2"]) is None
 
 
-def test_preflight_hosted_but_not_running_and_wrong_revision():
-    result = preflight_decision("meta-llama/Llama-3.1-405B-Instruct", answers())
-    assert "not running now (WARM/DEPLOYING)" in result.errors[0]
+def test_preflight_wrong_revision():
     result = preflight_decision("meta-llama/Llama-3.1-8B", answers(), revision="abc123")
     assert "at revision main, not abc123" in result.errors[0]
+
+
+@pytest.mark.parametrize("repo,states", [("EleutherAI/gpt-j-6b", "COLD"),
+                                         ("meta-llama/Llama-3.1-405B-Instruct",
+                                          "WARM/DEPLOYING")])
+def test_a_model_listed_but_not_deployed_proceeds_with_its_note(repo, states):
+    """NDIF lists it (COLD: downloaded; or still deploying): the run goes on, with one note,
+    and knows which hosted models to name if NDIF will not load it."""
+    result = preflight_decision(repo, answers())
+    assert result.ok and result.on_demand is not None
+    (note,) = result.notes
+    assert note.startswith(f"NDIF lists {repo} but has not deployed it ({states}); the run goes "
+                           "on and NDIF loads it on demand, so the first request (the self-check)"
+                           " may wait while it loads; keys without on-demand access are refused")
+    checked = preflight(repo, answers=answers(), dry_run=True)
+    assert checked.summary.startswith(f"passed (NDIF lists {repo};")
+    assert checked.summary.endswith("; loaded on demand)")
+
+
+def test_the_users_command_on_a_cold_listing_and_its_refusal():
+    """``--model meta-llama/Meta-Llama-3-8B``: listed COLD it proceeds; NDIF refusing to load
+    it becomes one line naming the running models of its family, closest first."""
+    status = {"deployments": {**STATUS["deployments"],
+                              "cold": deployment("meta-llama/Meta-Llama-3-8B", "COLD")}}
+    result = preflight_decision("meta-llama/Meta-Llama-3-8B", answers(status=status))
+    assert result.ok and result.notes
+    family = result.on_demand.family
+    assert family[0] == "meta-llama/Llama-3.1-8B" and "openai-community/gpt2" not in family
+    assert set(family) == {"meta-llama/Llama-3.1-8B", "meta-llama/Llama-3.1-8B-Instruct",
+                           "meta-llama/Llama-3.1-70B", "meta-llama/Llama-3.3-70B-Instruct"}
+    line = result.on_demand.refusal("Could not deploy this model. Not permitted.")
+    assert "\n" not in line and line == (
+        "NDIF did not load meta-llama/Meta-Llama-3-8B on demand (Could not deploy this model. "
+        "Not permitted.): it has not deployed this model, and keys without on-demand access "
+        f"are refused; hosted models of the same family: {', '.join(family)} (e.g. `--model "
+        "meta-llama/Llama-3.1-8B`)")
+
+
+def test_an_on_demand_refusal_stops_the_first_request_with_one_line(llama, data):
+    """The refusal arrives as NDIF's job error (or an HTTP 403 on the post): not retried, not
+    taken for a failed self-check; a refusal after a request came back is an ordinary error."""
+    from interventions.executors.remote.faults import OnDemandRefused
+    from interventions.executors.remote.preflight import OnDemand
+
+    on_demand = OnDemand("meta-llama/Meta-Llama-3-8B", (("meta-llama/Llama-3.1-8B", None),))
+    refused = RemoteError("Could not deploy this model. Your key may not load models on demand.")
+    transport = Recording(trusted(llama), [refused])
+    client, sleeps = quiet_client(llama, transport, on_demand=on_demand)
+    with pytest.raises(OnDemandRefused) as raised:
+        run_self_check(client, llama, data[0])
+    assert str(raised.value).startswith("NDIF did not load meta-llama/Meta-Llama-3-8B on demand "
+                                        "(Could not deploy this model. Your key may not load")
+    assert "hosted models of the same family: meta-llama/Llama-3.1-8B" in str(raised.value)
+    assert sleeps == [] and transport.calls["send"] == 1
+    assert run_self_check(client, llama, data[0]).passed  # loaded after all: proceeds
+    transport.failures.append(refused)
+    with pytest.raises(RemoteRunError) as raised:
+        RemoteExecutor(llama, *data, batch_size=8, client=client).clean()
+    assert not isinstance(raised.value, OnDemandRefused)
+
+
+def test_models_are_matched_as_ndif_keys_them(monkeypatch):
+    """The Hub's spelling of the repo id (asked for when NDIF is asked), the revision, and
+    text-generation deployments only; the key's tags name the path NDIF takes."""
+    from interventions.executors.remote import preflight as module
+
+    status = {"deployments": {
+        "a": deployment("meta-llama/Llama-3.1-8B", revision="main"),
+        "b": deployment("meta-llama/Llama-3.1-8B", revision="abc123"),
+        "c": deployment("openai-community/gpt2", task="text-classification")}}
+    canned = answers(status=status, key_tags=["trusted"])
+    monkeypatch.setattr(module, "fetch_ndif_answers", lambda: canned)
+    monkeypatch.setattr(module, "canonical_repo_id",
+                        lambda repo: {"meta-llama/llama-3.1-8b": "meta-llama/Llama-3.1-8B"}
+                        .get(repo, repo))
+    result = preflight("meta-llama/llama-3.1-8b", revision="abc123")
+    assert result.deployment["revision"] == "abc123" and result.server_path == "trusted"
+    assert preflight_decision("meta-llama/Llama-3.1-8B", answers(key_tags=[])).server_path \
+        == "sandbox"
+    (message,) = preflight_decision("openai-community/gpt2", canned).errors
+    assert message.startswith("NDIF does not host openai-community/gpt2")
 
 
 def test_preflight_accepts_a_running_model_and_reports_unreachable_ndif():

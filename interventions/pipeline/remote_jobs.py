@@ -34,13 +34,21 @@ def start_remote(job: Job, first_run: TaskRun) -> None:
                               overall_timeout_s=parse_duration(cfg.remote_timeout,
                                                                "remote-timeout"),
                               silence_s=parse_duration(cfg.remote_silence, "remote-silence"),
-                              on_demand=checked.on_demand if checked is not None else None)
+                              on_demand=_on_demand(checked, job.model))
     server = checked.server_transformers if checked is not None else None
     check = run_self_check(job.client, job.model, first_run.dataset["prompt"], server)
     job.client.stats.self_check = check.to_dict()
     job.manifest["remote"] = job.client.stats.to_dict()
     job.save_manifest()
     check.check()
+
+
+def _on_demand(checked, model):
+    """What to say if NDIF will not load a model it has not deployed (its family known from
+    the model's config); ``None`` for a deployed model."""
+    if checked is None or checked.on_demand is None:
+        return None
+    return checked.on_demand.of_type(model.identity.architecture)
 
 
 def max_request_bytes(cfg) -> int:

@@ -24,6 +24,7 @@ mismatch is reported in its plan rather than stopping it.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import difflib
 import io
 import json
@@ -72,10 +73,30 @@ class NdifAnswers:
 @dataclass(frozen=True)
 class OnDemand:
     """A model NDIF lists but has not deployed: what the client says if NDIF refuses to load
-    it (:meth:`refusal`)."""
+    it (:meth:`refusal`).
+
+    Attributes:
+        repo_id: the model; running: ``(repo id, model type or None)`` of each model NDIF runs;
+        model_type: the model's architecture (its config's, once loaded: see
+        :meth:`of_type`).
+    """
 
     repo_id: str
-    family: tuple[str, ...]  # hosted, running models of the same family, closest first
+    running: tuple[tuple[str, str | None], ...]
+    model_type: str | None = None
+
+    def of_type(self, model_type: str) -> "OnDemand":
+        return dataclasses.replace(self, model_type=model_type)
+
+    @property
+    def family(self) -> tuple[str, ...]:
+        """Running models of the same family, closest first: the same architecture where
+        NDIF's status names it, else the same organisation."""
+        org = self.repo_id.lower().rpartition("/")[0]
+        members = {repo for repo, kind in self.running
+                   if (self.model_type is not None and kind == self.model_type)
+                   or repo.lower().rpartition("/")[0] == org}
+        return tuple(ranked_by_closeness(self.repo_id, members))
 
     def refusal(self, cause: str) -> str:
         """The one ``error:`` line for NDIF refusing to load the model (``cause``: its words)."""
@@ -134,15 +155,10 @@ def _model_type(deployment: dict) -> str | None:
         return None
 
 
-def same_family(repo_id: str, status: dict, model_type: str | None = None) -> tuple[str, ...]:
-    """Running models of ``repo_id``'s family, closest first: the same architecture where
-    NDIF's status names it (``config.model_type``), else the same organisation."""
-    org = repo_id.lower().rpartition("/")[0]
-    running = [d for d in _deployments(status) if _running(d)]
-    family = {d["repo_id"] for d in running
-              if (model_type is not None and _model_type(d) == model_type)
-              or d["repo_id"].lower().rpartition("/")[0] == org}
-    return tuple(ranked_by_closeness(repo_id, family))
+def running_with_types(status: dict) -> tuple[tuple[str, str | None], ...]:
+    """``(repo id, config.model_type or None)`` of each model NDIF runs."""
+    return tuple(sorted({(d["repo_id"], _model_type(d)) for d in _deployments(status)
+                         if _running(d)}, key=lambda item: (item[0], str(item[1]))))
 
 
 def _size(name: str) -> str | None:
@@ -261,8 +277,8 @@ def preflight_decision(repo_id: str, answers: NdifAnswers, revision: str | None 
         states = ", ".join(sorted({"/".join(filter(None, (d.get("deployment_level"),
                                                           d.get("application_state"))))
                                    for d in matches}))
-        result.on_demand = OnDemand(matches[0]["repo_id"],
-                                    same_family(repo_id, answers.status, model_type))
+        result.on_demand = OnDemand(matches[0]["repo_id"], running_with_types(answers.status),
+                                    model_type)
         result.deployment = matches[0]
         result.notes.append(
             f"NDIF lists {repo_id} but has not deployed it ({states}); the run goes on and "
