@@ -9,7 +9,9 @@ test_remote_server.py.
 """
 
 import io
+import os
 import sys
+from pathlib import Path
 
 import cloudpickle
 import pytest
@@ -34,7 +36,7 @@ from interventions.executors.remote.preflight import (KEY_URL, NdifAnswers, clos
 from interventions.executors.remote.selfcheck import run_self_check
 from interventions.executors.remote.transport import (LocalTransport, decode_result,
                                                       package_version)
-from interventions.nnsight_internals import RemoteError
+from interventions.nnsight_internals import RemoteError, within_tested_range
 from interventions.mechanisms.plan import Intervention
 
 
@@ -450,7 +452,8 @@ def test_preflight_asks_nothing_without_a_key(monkeypatch):
     monkeypatch.setattr(CONFIG.API, "APIKEY", None)
     monkeypatch.setattr(ndif, "status", lambda raw=False: pytest.fail("asked NDIF"))
     got = fetch_ndif_answers()
-    assert not got.api_key_present and got.status is None and got.client_version == "0.8.1"
+    assert not got.api_key_present and got.status is None
+    assert got.client_version == internals.nnsight_version()
 
 
 def test_preflight_transformers_drift_is_an_error_unless_allowed():
@@ -548,3 +551,34 @@ def test_cama_cache_builds_only_the_layers_asked_and_reuses_a_full_table(tmp_pat
     subset, subset_path, cached = cached_cama_table(llama, prompts, "fp", tmp_path, 8, False,
                                                     layers=[1, 3])
     assert cached and subset_path == full_path
+
+
+# -- nnsight's version: declared, pinned in CI, never refused at import ---------------------------
+
+
+def test_nnsight_is_declared_as_the_tested_range_and_pinned_in_ci():
+    from interventions.nnsight_internals import PINNED_NNSIGHT, TESTED_NNSIGHT
+
+    root = Path(__file__).resolve().parent.parent
+    low, high = TESTED_NNSIGHT
+    assert f'"nnsight>={low},<{high}"' in (root / "pyproject.toml").read_text()
+    assert f"nnsight=={PINNED_NNSIGHT}" in (root / ".ci" / "run").read_text()
+    assert within_tested_range(PINNED_NNSIGHT) and within_tested_range("0.8.0")
+    assert not within_tested_range("0.9.0") and not within_tested_range("0.8.0rc1")
+
+
+def test_another_nnsight_is_not_refused_at_import():
+    """A process whose nnsight reports 0.9.2 imports the toolkit and the remote path (one
+    warning), so that --dry-run and the preflight, which names the release NDIF needs, work."""
+    import subprocess
+
+    code = ("import importlib.metadata as m, warnings; real = m.version; "
+            "m.version = lambda name: '0.9.2' if name == 'nnsight' else real(name); "
+            "warnings.simplefilter('always'); "
+            "import interventions.executors.remote.preflight, run; print('imported')")
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(root)})
+    assert done.returncode == 0 and done.stdout.strip() == "imported", done.stderr
+    assert "nnsight 0.9.2 is installed; this AF1 toolkit is tested with nnsight>=0.8.0,<0.9" \
+        in done.stderr

@@ -4,6 +4,7 @@ budget or refused with HTTP 413, expired result links, the overall client time-o
 the ledger that lets a rerun resume.
 """
 
+import importlib.metadata
 import json
 import threading
 
@@ -589,7 +590,7 @@ def test_ndif_transport_through_nnsights_client_on_a_fake_network(monkeypatch, b
     (post,) = ndif.posts
     assert post["url"] == "https://ndif.test/request"
     assert post["headers"]["ndif-api-key"] == "key-123"
-    assert post["headers"]["nnsight-version"] == "0.8.1"
+    assert post["headers"]["nnsight-version"] == importlib.metadata.version("nnsight")
     assert post["meta"]["model_key"] == transport.model_key
     assert post["meta"]["env"] == {"attn_implementation": "sdpa"}
     record = client.stats.requests[-1]
