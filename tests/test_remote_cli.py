@@ -165,7 +165,7 @@ def test_a_failed_self_check_stops_the_job_with_one_line_and_is_recorded(tiny_di
     assert not (tmp_path / "o" / "results.jsonl").exists()  # no cell was evaluated
 
 
-# -- on canned NDIF answers: a model loaded on demand, another nnsight -------------------------------
+# -- on canned NDIF answers: a model loaded on demand, another nnsight ------------------------------
 
 
 def canned_ndif(monkeypatch, tiny_dir, level="COLD", server_nnsight="0.8.1",

@@ -244,7 +244,7 @@ def test_a_server_model_with_other_modules_fails_the_self_check_with_its_cause(l
         in message
 
 
-# -- NDIF's model actor: what the library copies of it, pinned to the installed source --------------
+# -- NDIF's model actor: what the library copies of it, pinned to the installed source -------------
 
 # Lines of ndif 0.1.2's model actor (which cannot be built without Ray, Redis and an object
 # store) that ndif_server.ModelActor repeats, by file: if NDIF changes one, this fails and the copy

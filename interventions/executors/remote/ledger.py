@@ -23,9 +23,9 @@ class RequestLedger:
     ``done``, ``expired``: its result could no longer be downloaded, or ``lost``: NDIF no
     longer knew the job, or its websocket went silent and NDIF did not know it; either way the
     request is submitted again), encoding, ``expired_jobs`` and ``lost_jobs`` (earlier job ids of
-    the same request); ``<directory>/<key>.result`` holds a finished result blob as received. Keys describe
-    the request's content (model, inputs, configurations, tables), so the same work maps to the
-    same key in a new process.
+    the same request); ``<directory>/<key>.result`` holds a finished result blob as received.
+    Keys describe the request's content (model, inputs, configurations, tables), so the same work
+    maps to the same key in a new process.
     """
 
     def __init__(self, directory: str | os.PathLike):

@@ -26,7 +26,8 @@ def received_tensor(value, what: str, shape: Sequence[int | None], kind: str) ->
     Raises :class:`~.faults.RemoteRunError` (one line naming ``what``, what came and what was
     expected) otherwise.
     """
-    expected = f"a {kind} tensor of shape ({', '.join('*' if n is None else str(n) for n in shape)})"
+    dims = ", ".join("*" if n is None else str(n) for n in shape)
+    expected = f"a {kind} tensor of shape ({dims})"
     if not isinstance(value, torch.Tensor):
         raise RemoteRunError(f"the server returned {what} as {type(value).__name__}, not "
                              f"{expected}")
