@@ -548,7 +548,7 @@ class RemoteClient:
             except JobUnknown as error:
                 now = self.clock()
                 unknown_since = now if unknown_since is None else unknown_since
-                if now - unknown_since >= self.unknown_after_s:
+                if error.known_lost or now - unknown_since >= self.unknown_after_s:
                     raise _JobLost(job_id, now - unknown_since) from error
                 content = None
             if content is not None:

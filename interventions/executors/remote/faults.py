@@ -51,7 +51,13 @@ class ResultExpired(RemoteError):
 
 
 class JobUnknown(Exception):
-    """NDIF has no record of a job (its response route answers HTTP 404)."""
+    """NDIF has no record of a job (its response route answers HTTP 404). ``known_lost``: the
+    server cannot come to know it (a local server that never saw it), so waiting is pointless;
+    NDIF's 404 may precede a job's first status, and is waited out for a while."""
+
+    def __init__(self, message: str, known_lost: bool = False):
+        super().__init__(message)
+        self.known_lost = known_lost
 
 
 class OnDemandRefused(RemoteRunError):

@@ -216,7 +216,7 @@ class LocalTransport:
         """The result of a submitted job; :class:`JobUnknown` for an id this server never saw
         (NDIF answers such a poll with HTTP 404)."""
         if job_id not in self._jobs:
-            raise JobUnknown(f"job {job_id} is unknown to this local server")
+            raise JobUnknown(f"job {job_id} is unknown to this local server", known_lost=True)
         return self._jobs.pop(job_id)
 
     def close(self) -> None:
