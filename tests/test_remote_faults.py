@@ -714,13 +714,15 @@ def test_a_job_unknown_past_the_bound_is_given_up_resubmitted_and_recorded(
     now, logged = [0.0], []
 
     class Lost(Recording):
+        """NDIF's response route: HTTP 404 says nothing about whether the job may yet appear."""
+
         def poll(self, job_id, compress):
             self.calls["poll"] += 1
             try:
                 return self.inner.poll(job_id, compress)
-            except JobUnknown:
+            except JobUnknown as error:
                 now[0] += 100.0  # each poll a hundred seconds later
-                raise
+                raise JobUnknown(str(error)) from None
 
     later = Lost(server)
     client = RemoteClient(llama, transport=later, blocking=False, ledger=tmp_path / "l",
