@@ -78,6 +78,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="local: run the remote path here against local weights, "
                              "serialized exactly as for NDIF and executed by NDIF's own server "
                              "code (the offline test)")
+    remote.add_argument("--server-path", default=None, choices=["sandbox", "trusted"],
+                        help="with --remote-backend local: the path NDIF takes with a request; "
+                             "sandbox (default: an ordinary API key's, the request's block runs "
+                             "in a runner process against a weightless model, every activation "
+                             "crossing a socket) or trusted (a key with NDIF's trusted tag: "
+                             "in-process, faster)")
     remote.add_argument("--max-request-mb", type=float, default=16.0,
                         help="largest request to send, serialized, before compression "
                              "(default 16); larger ones are split in halves, as are requests "
@@ -85,9 +91,16 @@ def build_parser() -> argparse.ArgumentParser:
     remote.add_argument("--remote-timeout", default="24h",
                         help="give up waiting on NDIF after this long in all (e.g. 90m, 24h; "
                              "default 24h); rerunning resumes")
+    remote.add_argument("--remote-silence", default="65m",
+                        help="longest wait for any status from NDIF on a request's websocket "
+                             "(default 65m: longer than NDIF's 1 h execution time-out); then "
+                             "the job is asked for by HTTP and, unknown there, sent again")
     remote.add_argument("--allow-version-drift", action="store_true",
                         help="run even though NDIF's transformers has another major.minor "
                              "than this client's (the self-check on arrival still runs)")
+    remote.add_argument("--allow-nnsight-mismatch", action="store_true",
+                        help="run even though NDIF runs another nnsight than this client "
+                             "(NDIF may then refuse or misread requests)")
 
     data = parser.add_argument_group("tasks")
     data.add_argument("--tasks", default=None,
@@ -192,10 +205,12 @@ def main(argv: list[str] | None = None) -> int:
             batch_size=args.batch_size,
             device=args.device, dtype=args.dtype, attn_implementation=args.attn_implementation,
             revision=args.revision, cama_table=args.cama_table, cache_dir=args.cache_dir,
-            remote=args.remote, remote_backend=args.remote_backend, dry_run=args.dry_run,
+            remote=args.remote, remote_backend=args.remote_backend,
+            server_path=args.server_path, dry_run=args.dry_run,
             submit=args.submit, cells_per_request=args.cells_per_request,
             max_request_mb=args.max_request_mb, remote_timeout=args.remote_timeout,
-            allow_version_drift=args.allow_version_drift,
+            remote_silence=args.remote_silence, allow_version_drift=args.allow_version_drift,
+            allow_nnsight_mismatch=args.allow_nnsight_mismatch,
             progress=not args.no_progress, argv=sys.argv if argv is None else ["run.py", *argv])
         out = run_job(cfg)
     except (UserError, PlanError) as err:

@@ -6,7 +6,11 @@ serialized request and keep the raw result bytes), and, for the offline server, 
 source caches (a server process starts with them empty) and, where NDIF's own package is not
 installed, the save set and trace depth its worker manages. Every such name is used here and
 nowhere else (``tests/test_remote_server.py`` checks it), so an nnsight upgrade has one file to
-re-check. Importing this module checks that the installed nnsight is the pinned one.
+re-check. Importing this module refuses no nnsight: NDIF decides which version it serves, and
+preflight compares the two (an nnsight outside :data:`TESTED_NNSIGHT` only warns here).
+
+Imports nothing of this project, so a process that cannot import it (``tests/remote_worker.py``)
+loads this file by path.
 
 Functions that run *inside* a trace (:func:`current_batch_group`) are shipped by value with
 remote requests, so they use only their arguments.
@@ -17,39 +21,59 @@ from __future__ import annotations
 import contextlib
 import importlib.abc
 import importlib.metadata
+import json
 import linecache
 import os
+import re
 import sys
+import warnings
 
 import nnsight
 
+# The nnsight CI installs and every test runs with, and the releases the package declares
+# (pyproject.toml): the 0.8 line, whose remote tests passed under each release listed in the
+# README ("Remote runs").
 PINNED_NNSIGHT = "0.8.1"
+TESTED_NNSIGHT = ("0.8.0", "0.9")  # >= first, < second
 
 
-class NnsightVersionError(ImportError):
-    """The installed nnsight is not the version this toolkit is pinned to."""
+def nnsight_version() -> str:
+    """The installed nnsight's version (what NDIF compares with its own)."""
+    return importlib.metadata.version("nnsight")
 
 
-def check_nnsight_version(installed: str | None = None) -> str:
-    """Raise :class:`NnsightVersionError` unless nnsight is :data:`PINNED_NNSIGHT`."""
-    installed = installed or importlib.metadata.version("nnsight")
-    if installed != PINNED_NNSIGHT:
-        raise NnsightVersionError(
-            f"this AF1 toolkit needs nnsight=={PINNED_NNSIGHT} (NDIF requires the client's "
-            f"nnsight to match the server's, and AF1 uses its internals), but nnsight "
-            f"{installed} is installed: `pip install nnsight=={PINNED_NNSIGHT}`")
+def within_tested_range(version: str) -> bool:
+    """Whether ``version`` lies in :data:`TESTED_NNSIGHT` (a pre-release of 0.8.0 does not)."""
+    def parts(text):
+        return tuple(int(p) for p in re.findall(r"\d+", text)[:3])
+    low, high = TESTED_NNSIGHT
+    return parts(low) <= parts(version) < parts(high) and not re.search(r"[a-z]", version)
+
+
+def warn_outside_tested_range(installed: str | None = None) -> str:
+    """One warning (never a refusal) when nnsight lies outside :data:`TESTED_NNSIGHT`: a dry
+    run and the preflight, which names the release NDIF needs, must still work."""
+    installed = installed or nnsight_version()
+    if not within_tested_range(installed):
+        warnings.warn(f"nnsight {installed} is installed; this AF1 toolkit is tested with "
+                      f"nnsight>={TESTED_NNSIGHT[0]},<{TESTED_NNSIGHT[1]} (CI: "
+                      f"{PINNED_NNSIGHT}); --remote checks it against NDIF's before any work",
+                      stacklevel=2)
     return installed
 
 
-check_nnsight_version()
+warn_outside_tested_range()
 
 from nnsight.intervention.backends.remote import RemoteBackend, RemoteError  # noqa: E402
 from nnsight.schema.request import RequestModel  # noqa: E402
 
-__all__ = ["PINNED_NNSIGHT", "RemoteError", "RequestModel", "BlobBackend", "check_nnsight_version",
-           "current_batch_group", "execute_traced", "forget_sources", "hide_project_modules",
-           "isolated_source_cache", "persistent_objects", "prepare_env", "request_env",
-           "return_saves", "wrapped_module"]
+__all__ = ["PINNED_NNSIGHT", "TESTED_NNSIGHT", "RemoteError", "RequestModel", "BlobBackend",
+           "SilentConnection",
+           "apply_env", "current_batch_group", "execute_traced", "forget_sources",
+           "hide_project_modules", "isolated_source_cache", "model_key",
+           "model_key_of_checkpoint", "nnsight_version",
+           "persistent_objects", "prepare_env", "project_roots", "request_env", "return_saves",
+           "warn_outside_tested_range", "within_tested_range", "wrapped_module"]
 
 
 # -- inside a trace (shipped by value) ------------------------------------------------------
@@ -95,6 +119,34 @@ def request_env(lm) -> dict:
     return lm._remoteable_get_env()
 
 
+def apply_env(lm, env: dict | None) -> None:
+    """Apply a request's environment to a server's model, as NDIF's model actor does before
+    every request (``self.model._remoteable_set_env(request.env)``)."""
+    lm._remoteable_set_env(env)
+
+
+def model_key_of_checkpoint(directory: str, task: str = "text-generation") -> str:
+    """The key of the nnsight model NDIF would load from a checkpoint ``directory``, formed by
+    nnsight from the class and its own fields (no model is built)."""
+    from nnsight.modeling.transformers import TransformersModel
+    from nnsight.util import to_import_path
+
+    return f"{to_import_path(TransformersModel)}:" + json.dumps(
+        {"repo_id": directory, "revision": None, "task": task})
+
+
+def model_key(lm) -> str:
+    """The key NDIF knows the model by (``module.Class:{"repo_id", "revision", "task"}``), as
+    nnsight forms it: the Hub's canonical spelling of the repo id (one Hub call, cached). A
+    local checkpoint directory is its own canonical id, so its key needs no Hub."""
+    from nnsight.modeling import huggingface
+
+    repo_id = getattr(lm, "repo_id", None)
+    if repo_id and os.path.isdir(repo_id):
+        huggingface._ID_CACHE.setdefault(repo_id, repo_id)
+    return lm.to_model_key()
+
+
 # -- the client side of a request ------------------------------------------------------------
 
 
@@ -117,14 +169,56 @@ def return_saves(tracer, result: dict) -> None:
     push(tracer.info.frame, result)
 
 
+class SilentConnection(TimeoutError):
+    """NDIF's websocket said nothing for ``seconds`` (a half-open connection looks the same as
+    a long wait). ``job_id``: the job, when the request was already posted."""
+
+    def __init__(self, job_id: str | None, seconds: float):
+        self.job_id, self.seconds = job_id, seconds
+        super().__init__(f"no status from NDIF for {seconds:g} s on the websocket"
+                         + (f" (job {job_id})" if job_id else ""))
+
+
 class BlobBackend(RemoteBackend):
     """nnsight's ``RemoteBackend``, sending an already serialized request and keeping the raw
-    result bytes (for byte counts and the ledger) and the job id of a blocking request."""
+    result bytes (for byte counts and the ledger) and the job id of a blocking request.
 
-    def __init__(self, blob: bytes, *args, **kwargs):
+    ``silence_s`` bounds every wait on the websocket (nnsight's own waits without end): no
+    frame for that long raises :class:`SilentConnection`."""
+
+    def __init__(self, blob: bytes, *args, silence_s: float | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.blob = blob
+        self.silence_s = silence_s
         self.content: bytes | None = None
+
+    def request(self, request: RequestModel, tracer):
+        """nnsight's blocking request (subscribe, post, read statuses until COMPLETED) with
+        every read bounded by ``silence_s``."""
+        import json
+
+        import websocket
+        from nnsight.schema.response import Status
+
+        connection = websocket.create_connection(
+            f"{self.ws_host}/subscribe",
+            header={"ndif-api-key": self.api_key} if self.api_key else None,
+            timeout=self.silence_s)
+        try:
+            request.session_id = json.loads(connection.recv())["session_id"]
+            self.send(request, self._serialize(tracer))
+            while True:
+                try:
+                    message = connection.recv()
+                except websocket.WebSocketTimeoutException as error:
+                    raise SilentConnection(getattr(self, "job_id", None),
+                                           self.silence_s) from error
+                response = self.parse(message)
+                result = self.handle(response)
+                if response.status == Status.COMPLETED:
+                    return result
+        finally:
+            connection.close()
 
     def _serialize(self, tracer) -> bytes:
         return self.blob
@@ -169,6 +263,13 @@ class _Refuse(importlib.abc.MetaPathFinder):
         return None
 
 
+def project_roots() -> set[str]:
+    """Top-level names of the loaded modules a server would not have: every module that is not
+    an installed package (this project, and the tests' helpers), less the server's own."""
+    return {name.split(".")[0] for name, module in list(sys.modules.items())
+            if not _installed(getattr(module, "__file__", None))} - _SERVER_SIDE
+
+
 @contextlib.contextmanager
 def hide_project_modules():
     """Make every module that is not an installed package unimportable, as on a server
@@ -177,8 +278,7 @@ def hide_project_modules():
     would otherwise import them again through its own finder); cloudpickle is imported afresh;
     all come back on exit.
     """
-    roots = {name.split(".")[0] for name, module in list(sys.modules.items())
-             if not _installed(getattr(module, "__file__", None))} - _SERVER_SIDE
+    roots = project_roots()
     hidden = {name: sys.modules.pop(name) for name in list(sys.modules)
               if name.split(".")[0] in roots | _SERVER_OWN}
     refuse = _Refuse(roots)

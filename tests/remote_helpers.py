@@ -18,6 +18,7 @@ from nnsight.intervention.backends.remote import RemoteError
 
 from interventions import AF1Plan, NnsightExecutor, build_cama_table
 from interventions.executors.remote.client import RemoteClient
+from interventions.executors.remote.transport import LocalTransport
 from interventions.mechanisms.plan import Intervention
 
 WORKER = Path(__file__).with_name("remote_worker.py")
@@ -46,6 +47,19 @@ def arithmetic(tokenizer, n=30):
     prompts = [f"Calculate: {a}+{b}=" for a, b in pairs]
     answers = [tokenizer.convert_tokens_to_ids(str(a + b)[0]) for a, b in pairs]
     return prompts, answers
+
+
+def digit_prompts_with_templates(tokenizer, n=24):
+    """Prompts of two templates (the same first token, the sink) with each prompt's template
+    as its CAMA group: ``(prompts, answers, groups)``."""
+    pairs = [(a, b) for a in (3, 7, 12, 25) for b in range(1, 7)][:n // 2]
+    prompts, answers, groups = [], [], []
+    for group, template in enumerate(("Calculate: {}+{}=", "Calculate {} plus {}: ")):
+        for a, b in pairs:
+            prompts.append(template.format(a, b))
+            answers.append(tokenizer.convert_tokens_to_ids(str(a + b)[0]))
+            groups.append(group)
+    return prompts, answers, groups
 
 
 def af1_cells(table):
@@ -113,11 +127,19 @@ class Recording:
 
 
 def quiet_client(model, transport, **options):
-    """A client that logs nothing and records its waits instead of sleeping."""
+    """A client that logs nothing and records its waits instead of sleeping (the backoff's
+    jitter at its top, so each wait is the full exponential step)."""
     sleeps = []
+    options = {"jitter": lambda: 1.0, **options}
     client = RemoteClient(model, transport=transport, log=lambda message: None,
                           sleep=sleeps.append, **options)
     return client, sleeps
+
+
+def trusted(model):
+    """NDIF's in-process path on ``model``: for tests of the client, where the server's path
+    does not matter (the sandbox's are in test_remote_sandbox.py)."""
+    return LocalTransport.for_model(model, server_path="trusted")
 
 
 class WorkerTransport:

@@ -1,7 +1,9 @@
-"""An NDIF worker in a process of its own, for tests: NDIF's own request execution (the ``ndif``
-package: ``BackendRequestModel.deserialize``, ``prepare_traced_block``, ``execute_traced_block``
-inside ``block_scope``, the result encoded as its model actor encodes it) against a checkpoint
-loaded with transformers and nnsight only. The project cannot be imported here.
+"""An NDIF worker in a process of its own, for tests: NDIF's own request execution through the
+library's model actor (``interventions/executors/remote/ndif_server.py``: the model loaded from its
+key as NDIF's actor loads it, the per-request environment applied, ``prepare_traced_block`` /
+``execute_traced_block`` inside ``block_scope``, the result encoded as NDIF encodes it), on
+NDIF's trusted path. The project cannot be imported here: that file and
+``interventions/nnsight_internals.py``, both free of project imports, are loaded by path.
 
 ``--keep-source-cache`` leaves out ``block_scope``: an older NDIF whose worker never resets
 nnsight's source caches between requests.
@@ -37,25 +39,27 @@ sys.meta_path.insert(0, _NotOnTheServer())
 sys.path[:] = [p for p in sys.path
                if p and Path(p).resolve() not in (ROOT, ROOT / "tests")]
 
-import contextlib  # noqa: E402
-import io  # noqa: E402
+import importlib.util  # noqa: E402
 import json  # noqa: E402
-import traceback  # noqa: E402
 
 import torch  # noqa: E402
-import zstandard  # noqa: E402
-from nnsight.modeling.transformers import TransformersModel  # noqa: E402
-from transformers import AutoTokenizer  # noqa: E402
+
+LIBRARY = ROOT / "interventions"
+
+
+def load_by_path(name: str, path: Path):
+    """A module of the library, imported from its file under ``name`` (not as part of the
+    project, which this process cannot import)."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def serve(checkpoint: str, attn_implementation: str, dtype: str, keep_source_cache: bool) -> None:
     try:
-        from ndif.common.errors import RequestError
-        from ndif.common.schema.request import BackendRequestModel
-        from ndif.services.ray.deployments.modeling.nns import (block_scope,
-                                                                execute_traced_block,
-                                                                prepare_traced_block)
-        from ndif.services.ray.deployments.modeling.util import cpu_pickle_module
+        import ndif.services.ray.deployments.modeling.nns  # noqa: F401
     except ImportError as err:
         print(f"unavailable {err}", flush=True)
         return
@@ -65,32 +69,22 @@ def serve(checkpoint: str, attn_implementation: str, dtype: str, keep_source_cac
         project = "importable"
     except ModuleNotFoundError:
         project = "not-importable"
-    model = TransformersModel(checkpoint, task="text-generation",
-                              tokenizer=AutoTokenizer.from_pretrained(checkpoint), dispatch=True,
-                              dtype=getattr(torch, dtype),
-                              attn_implementation=attn_implementation)
+    internals = load_by_path("nnsight_internals", LIBRARY / "nnsight_internals.py")
+    server = load_by_path("ndif_server", LIBRARY / "executors" / "remote" / "ndif_server.py")
+    model_key = internals.model_key_of_checkpoint(checkpoint)
+    actor = server.ModelActor(server.load_server_model(model_key, getattr(torch, dtype)),
+                              "trusted", model_key, isolate=False,
+                              keep_source_cache=keep_source_cache)
+    env = {"attn_implementation": attn_implementation}
     print(f"ready {project}", flush=True)
     for line in sys.stdin:
         request_path, result_path, compress = line.split()
-        compress = compress == "1"
         try:
-            with contextlib.nullcontext() if keep_source_cache else block_scope():
-                tracer, _ = prepare_traced_block(model, Path(request_path).read_bytes(), compress,
-                                                 deserialize=BackendRequestModel.deserialize)
-                saved = execute_traced_block(tracer, getattr(torch, dtype))
-            buffer = io.BytesIO()
-            torch.save(saved, buffer, pickle_module=cpu_pickle_module())
-            content = buffer.getvalue()
-            if compress:
-                content = zstandard.ZstdCompressor(level=3).compress(content)
+            content = actor.run(Path(request_path).read_bytes(), compress == "1", env)
             Path(result_path).write_bytes(content)
             answer = {"ok": True}
         except Exception as err:  # noqa: BLE001 - reported to the client as NDIF reports it
-            text = str(err) if isinstance(err, RequestError) else "".join(
-                traceback.format_exception(type(err), err, err.__traceback__))
-            answer = {"ok": False, "error": text}
-        finally:
-            model.interleaver.cancel()  # what NDIF's actor does after every request
+            answer = {"ok": False, "error": actor.error_text(err)}
         print(json.dumps(answer), flush=True)
 
 

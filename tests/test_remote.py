@@ -9,7 +9,9 @@ test_remote_server.py.
 """
 
 import io
+import os
 import sys
+from pathlib import Path
 
 import cloudpickle
 import pytest
@@ -17,7 +19,8 @@ import torch
 from conftest import wrap_tiny
 from remote_helpers import (N_LAYERS, Recording, af1_cells, arithmetic, assert_same,
                             assert_tables_close, data, intervention_of, llama,  # noqa: F401
-                            llama_reference, llama_table, ndif_installed, quiet_client)
+                            llama_reference, llama_table, ndif_installed, quiet_client,
+                            trusted)
 
 import tiny
 from interventions import (AF1Plan, NnsightExecutor, UserError, apply_af1, build_cama_table,
@@ -33,6 +36,7 @@ from interventions.executors.remote.preflight import (KEY_URL, NdifAnswers, clos
 from interventions.executors.remote.selfcheck import run_self_check
 from interventions.executors.remote.transport import (LocalTransport, decode_result,
                                                       package_version)
+from interventions.nnsight_internals import RemoteError, within_tested_range
 from interventions.mechanisms.plan import Intervention
 
 
@@ -50,8 +54,8 @@ def test_remote_path_equals_local_path(arch, attn, digit_tok):
     local = NnsightExecutor(model, prompts, answers, batch_size=8)
     local_table = build_cama_table(model, prompts, "fp", layers, batch_size=8, progress=False)
 
-    client, _ = quiet_client(model, Recording(LocalTransport.for_model(model)))
-    assert LocalTransport.for_model(model).server_code == (
+    client, _ = quiet_client(model, Recording(trusted(model)))
+    assert trusted(model).server_code == (
         "ndif 0.1.2" if ndif_installed() else "stand-in")
     remote = RemoteExecutor(model, prompts, answers, batch_size=8, cells_per_request=6,
                             client=client)
@@ -79,7 +83,7 @@ def test_without_ndif_the_stand_in_server_gives_the_same_results(monkeypatch, ca
     monkeypatch.setattr(transport, "_NDIF", [])
     for name in ["ndif"] + [m for m in sys.modules if m.startswith("ndif.")]:
         monkeypatch.setitem(sys.modules, name, None)  # as if it were not installed
-    local = LocalTransport.for_model(llama)
+    local = trusted(llama)
     assert local.server_code == "stand-in"
     (notice,) = capsys.readouterr().out.splitlines()  # said once, in one line
     assert "NDIF's server code is not importable" in notice and "ndif==0.1.2" in notice
@@ -105,7 +109,7 @@ def test_nnsights_own_remote_local_backend_runs_the_same_requests(llama, data, l
             self.result = {"result": tracer.info.frame.f_locals["result"]}
 
     cells = af1_cells(llama_table)
-    client, _ = quiet_client(llama, LocalTransport.for_model(llama))
+    client, _ = quiet_client(llama, trusted(llama))
     remote = RemoteExecutor(llama, *data, batch_size=8, client=client)
     result = cells_session(llama.lm, llama.sites, Simulation(llama.lm),
                            [(intervention_of(plan), cama) for _, plan, cama in cells],
@@ -125,7 +129,7 @@ def test_smollm2_remote_path_equals_local_path():
     layers = [19, 20]
     local = NnsightExecutor(model, prompts, answers)
     local_table = build_cama_table(model, prompts, "fp", layers, progress=False)
-    client, _ = quiet_client(model, LocalTransport.for_model(model))
+    client, _ = quiet_client(model, trusted(model))
     remote = RemoteExecutor(model, prompts, answers, client=client)
     table = build_cama_table(model, prompts, "fp", layers, progress=False,
                              runner=remote.cama_runner())
@@ -148,7 +152,7 @@ def test_smollm2_remote_path_equals_local_path():
 def test_requests_import_only_what_the_server_permits(llama, data, llama_table):
     prompts, answers = data
     table = llama_table
-    transport = Recording(LocalTransport.for_model(llama))
+    transport = Recording(trusted(llama))
     client, _ = quiet_client(llama, transport)
     remote = RemoteExecutor(llama, prompts, answers, batch_size=8, client=client)
     build_cama_table(llama, prompts, "fp", [2], batch_size=8, progress=False,
@@ -199,7 +203,7 @@ def test_cama_layers_travel_once_per_request_in_the_model_dtype(digit_tok, data)
     assert layer_bytes < table.means[0].nbytes + table.keys.nbytes + 4000 < table.means.nbytes
 
     def upload(plans):
-        transport = Recording(LocalTransport.for_model(model))
+        transport = Recording(trusted(model))
         client, _ = quiet_client(model, transport, compress=False)
         remote = RemoteExecutor(model, prompts, answers, batch_size=8, client=client)
         list(remote.run_many([(p, p, table.for_intervention(p.intervention(N_LAYERS)))
@@ -221,7 +225,7 @@ def test_cama_layers_travel_once_per_request_in_the_model_dtype(digit_tok, data)
 
 def test_local_server_result_is_what_ndif_sends(llama, data):
     prompts, answers = data
-    transport = Recording(LocalTransport.for_model(llama))
+    transport = Recording(trusted(llama))
     client, _ = quiet_client(llama, transport, compress=True)
     RemoteExecutor(llama, prompts, answers, batch_size=8, client=client).clean()
     content, _ = transport.inner.send(transport.blobs[0], True)
@@ -252,7 +256,7 @@ def test_local_server_refuses_code_a_server_could_not_import(tmp_path, llama, mo
     monkeypatch.delitem(sys.modules, "helper_mod", raising=False)
     from helper_mod import double
 
-    client, _ = quiet_client(llama, LocalTransport.for_model(llama))
+    client, _ = quiet_client(llama, trusted(llama))
     enc = llama.encode(["Calculate: 3+4="])
     lm = llama.lm  # the block may name the nnsight model, not the AF1Model around it
     with pytest.raises(RemoteRunError, match="could not read it.*No module named 'helper_mod'"):
@@ -287,9 +291,14 @@ def test_remote_model_has_no_weights_and_names_its_checkpoint(tmp_path, digit_to
 # -- preflight ------------------------------------------------------------------------------------
 
 
-def deployment(repo, level="HOT", state="RUNNING", revision="main"):
+def deployment(repo, level="HOT", state="RUNNING", revision="main", task="text-generation"):
+    """One entry of NDIF's ``/status`` as its controller writes it (a COLD entry, downloaded
+    only, has the repo id and the level alone)."""
+    if level == "COLD":
+        return {"repo_id": repo, "deployment_level": "COLD"}
     return {"repo_id": repo, "revision": revision, "deployment_level": level,
-            "application_state": state, "model_key": f"nnsight...TransformersModel:{repo}"}
+            "application_state": state, "task": task,
+            "model_key": f"nnsight...TransformersModel:{repo}"}
 
 
 STATUS = {"deployments": {str(i): d for i, d in enumerate([
@@ -317,11 +326,18 @@ def test_preflight_missing_key_says_how_to_set_it():
 
 
 def test_preflight_version_mismatch_names_both_versions():
-    env = {"packages": {"nnsight": "0.9.0"}}
+    env = {"packages": {"nnsight": "0.8.2"}}
     result = preflight_decision("meta-llama/Llama-3.1-8B", answers(server_env=env))
-    assert result.errors == [result.errors[0]]
-    assert "0.8.1" in result.errors[0] and "0.9.0" in result.errors[0]
-    assert "pip install nnsight==0.9.0" in result.errors[0]
+    assert result.errors == [
+        "nnsight 0.8.1 here but 0.8.2 on NDIF, which requires them to match: `pip install "
+        "nnsight==0.8.2`, or pass --allow-nnsight-mismatch to try anyway"]
+    allowed = preflight_decision("meta-llama/Llama-3.1-8B", answers(server_env=env),
+                                 allow_nnsight_mismatch=True)
+    assert allowed.ok and any("--allow-nnsight-mismatch: trying anyway" in w
+                              for w in allowed.warnings)
+    planned = preflight("meta-llama/Llama-3.1-8B", answers=answers(server_env=env), dry_run=True)
+    assert planned.summary.endswith("; the run needs `pip install nnsight==0.8.2`)")
+    assert planned.warnings == []
 
 
 def test_preflight_unknown_model_lists_hosted_models_and_suggests_the_closest():
@@ -334,11 +350,90 @@ def test_preflight_unknown_model_lists_hosted_models_and_suggests_the_closest():
     assert closest_model("EleutherAI/pythia-70m", ["openai-community/gpt2"]) is None
 
 
-def test_preflight_hosted_but_not_running_and_wrong_revision():
-    result = preflight_decision("meta-llama/Llama-3.1-405B-Instruct", answers())
-    assert "not running now (WARM/DEPLOYING)" in result.errors[0]
+def test_preflight_wrong_revision():
     result = preflight_decision("meta-llama/Llama-3.1-8B", answers(), revision="abc123")
     assert "at revision main, not abc123" in result.errors[0]
+
+
+@pytest.mark.parametrize("repo,states", [("EleutherAI/gpt-j-6b", "COLD"),
+                                         ("meta-llama/Llama-3.1-405B-Instruct",
+                                          "WARM/DEPLOYING")])
+def test_a_model_listed_but_not_deployed_proceeds_with_its_note(repo, states):
+    """NDIF lists it (COLD: downloaded; or still deploying): the run goes on, with one note,
+    and knows which hosted models to name if NDIF will not load it."""
+    result = preflight_decision(repo, answers())
+    assert result.ok and result.on_demand is not None
+    (note,) = result.notes
+    assert note.startswith(f"NDIF lists {repo} but has not deployed it ({states}); the run goes "
+                           "on and NDIF loads it on demand, so the first request (the self-check)"
+                           " may wait while it loads; keys without on-demand access are refused")
+    checked = preflight(repo, answers=answers(), dry_run=True)
+    assert checked.summary.startswith(f"passed (NDIF lists {repo};")
+    assert checked.summary.endswith("; loaded on demand)")
+
+
+def test_the_users_command_on_a_cold_listing_and_its_refusal():
+    """``--model meta-llama/Meta-Llama-3-8B``: listed COLD it proceeds; NDIF refusing to load
+    it becomes one line naming the running models of its family, closest first."""
+    status = {"deployments": {**STATUS["deployments"],
+                              "cold": deployment("meta-llama/Meta-Llama-3-8B", "COLD")}}
+    result = preflight_decision("meta-llama/Meta-Llama-3-8B", answers(status=status))
+    assert result.ok and result.notes
+    family = result.on_demand.family
+    assert family[0] == "meta-llama/Llama-3.1-8B" and "openai-community/gpt2" not in family
+    assert set(family) == {"meta-llama/Llama-3.1-8B", "meta-llama/Llama-3.1-8B-Instruct",
+                           "meta-llama/Llama-3.1-70B", "meta-llama/Llama-3.3-70B-Instruct"}
+    line = result.on_demand.refusal("Could not deploy this model. Not permitted.")
+    assert "\n" not in line and line == (
+        "NDIF did not load meta-llama/Meta-Llama-3-8B on demand (Could not deploy this model. "
+        "Not permitted.): it has not deployed this model, and keys without on-demand access "
+        f"are refused; hosted models of the same family: {', '.join(family)} (e.g. `--model "
+        "meta-llama/Llama-3.1-8B`)")
+
+
+def test_an_on_demand_refusal_stops_the_first_request_with_one_line(llama, data):
+    """The refusal arrives as NDIF's job error (or an HTTP 403 on the post): not retried, not
+    taken for a failed self-check; a refusal after a request came back is an ordinary error."""
+    from interventions.executors.remote.faults import OnDemandRefused
+    from interventions.executors.remote.preflight import OnDemand
+
+    on_demand = OnDemand("meta-llama/Meta-Llama-3-8B", (("meta-llama/Llama-3.1-8B", None),))
+    refused = RemoteError("Could not deploy this model. Your key may not load models on demand.")
+    transport = Recording(trusted(llama), [refused])
+    client, sleeps = quiet_client(llama, transport, on_demand=on_demand)
+    with pytest.raises(OnDemandRefused) as raised:
+        run_self_check(client, llama, data[0])
+    assert str(raised.value).startswith("NDIF did not load meta-llama/Meta-Llama-3-8B on demand "
+                                        "(Could not deploy this model. Your key may not load")
+    assert "hosted models of the same family: meta-llama/Llama-3.1-8B" in str(raised.value)
+    assert sleeps == [] and transport.calls["send"] == 1
+    assert run_self_check(client, llama, data[0]).passed  # loaded after all: proceeds
+    transport.failures.append(refused)
+    with pytest.raises(RemoteRunError) as raised:
+        RemoteExecutor(llama, *data, batch_size=8, client=client).clean()
+    assert not isinstance(raised.value, OnDemandRefused)
+
+
+def test_models_are_matched_as_ndif_keys_them(monkeypatch):
+    """The Hub's spelling of the repo id (asked for when NDIF is asked), the revision, and
+    text-generation deployments only; the key's tags name the path NDIF takes."""
+    from interventions.executors.remote import preflight as module
+
+    status = {"deployments": {
+        "a": deployment("meta-llama/Llama-3.1-8B", revision="main"),
+        "b": deployment("meta-llama/Llama-3.1-8B", revision="abc123"),
+        "c": deployment("openai-community/gpt2", task="text-classification")}}
+    canned = answers(status=status, key_tags=["trusted"])
+    monkeypatch.setattr(module, "fetch_ndif_answers", lambda: canned)
+    monkeypatch.setattr(module, "canonical_repo_id",
+                        lambda repo: {"meta-llama/llama-3.1-8b": "meta-llama/Llama-3.1-8B"}
+                        .get(repo, repo))
+    result = preflight("meta-llama/llama-3.1-8b", revision="abc123")
+    assert result.deployment["revision"] == "abc123" and result.server_path == "trusted"
+    assert preflight_decision("meta-llama/Llama-3.1-8B", answers(key_tags=[])).server_path \
+        == "sandbox"
+    (message,) = preflight_decision("openai-community/gpt2", canned).errors
+    assert message.startswith("NDIF does not host openai-community/gpt2")
 
 
 def test_preflight_accepts_a_running_model_and_reports_unreachable_ndif():
@@ -357,7 +452,8 @@ def test_preflight_asks_nothing_without_a_key(monkeypatch):
     monkeypatch.setattr(CONFIG.API, "APIKEY", None)
     monkeypatch.setattr(ndif, "status", lambda raw=False: pytest.fail("asked NDIF"))
     got = fetch_ndif_answers()
-    assert not got.api_key_present and got.status is None and got.client_version == "0.8.1"
+    assert not got.api_key_present and got.status is None
+    assert got.client_version == internals.nnsight_version()
 
 
 def test_preflight_transformers_drift_is_an_error_unless_allowed():
@@ -419,7 +515,7 @@ def test_dry_run_plans_exactly_the_requests_a_run_sends(llama, data, split):
     assert n == 6 if split else n == 5  # self-check, CAMA (+ clean), cells 5 + 5 + 1
     assert f"total: {n} requests, 11 configurations" in text
 
-    transport = Recording(LocalTransport.for_model(llama))
+    transport = Recording(trusted(llama))
     client, _ = quiet_client(llama, transport, compress=False, max_request_bytes=budget)
     assert run_self_check(client, llama, prompts).passed
     remote = RemoteExecutor(llama, prompts, answers, batch_size=8, cells_per_request=5,
@@ -455,3 +551,34 @@ def test_cama_cache_builds_only_the_layers_asked_and_reuses_a_full_table(tmp_pat
     subset, subset_path, cached = cached_cama_table(llama, prompts, "fp", tmp_path, 8, False,
                                                     layers=[1, 3])
     assert cached and subset_path == full_path
+
+
+# -- nnsight's version: declared, pinned in CI, never refused at import ---------------------------
+
+
+def test_nnsight_is_declared_as_the_tested_range_and_pinned_in_ci():
+    from interventions.nnsight_internals import PINNED_NNSIGHT, TESTED_NNSIGHT
+
+    root = Path(__file__).resolve().parent.parent
+    low, high = TESTED_NNSIGHT
+    assert f'"nnsight>={low},<{high}"' in (root / "pyproject.toml").read_text()
+    assert f"nnsight=={PINNED_NNSIGHT}" in (root / ".ci" / "run").read_text()
+    assert within_tested_range(PINNED_NNSIGHT) and within_tested_range("0.8.0")
+    assert not within_tested_range("0.9.0") and not within_tested_range("0.8.0rc1")
+
+
+def test_another_nnsight_is_not_refused_at_import():
+    """A process whose nnsight reports 0.9.2 imports the toolkit and the remote path (one
+    warning), so that --dry-run and the preflight, which names the release NDIF needs, work."""
+    import subprocess
+
+    code = ("import importlib.metadata as m, warnings; real = m.version; "
+            "m.version = lambda name: '0.9.2' if name == 'nnsight' else real(name); "
+            "warnings.simplefilter('always'); "
+            "import interventions.executors.remote.preflight, run; print('imported')")
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(root)})
+    assert done.returncode == 0 and done.stdout.strip() == "imported", done.stderr
+    assert "nnsight 0.9.2 is installed; this AF1 toolkit is tested with nnsight>=0.8.0,<0.9" \
+        in done.stderr

@@ -4,6 +4,7 @@ budget or refused with HTTP 413, expired result links, the overall client time-o
 the ledger that lets a rerun resume.
 """
 
+import importlib.metadata
 import json
 import threading
 
@@ -11,7 +12,7 @@ import httpx
 import pytest
 from nnsight.intervention.backends.remote import RemoteError
 from remote_helpers import (Recording, af1_cells, assert_same, data, llama,  # noqa: F401
-                            llama_reference, llama_table, quiet_client)
+                            llama_reference, llama_table, quiet_client, trusted)
 
 from interventions import UserError
 from interventions.executors.remote.client import RemoteClient, RemoteRunError
@@ -42,7 +43,7 @@ def ledger_state(directory):
 def test_retries_back_off_and_recover(llama, data, llama_reference):
     prompts, answers = data
     reference = llama_reference["clean"]
-    transport = Recording(LocalTransport.for_model(llama),
+    transport = Recording(trusted(llama),
                           [ConnectionError("connection reset"), RemoteError("CUDA out of memory")])
     client, sleeps = quiet_client(llama, transport)
     remote = RemoteExecutor(llama, prompts, answers, batch_size=8, client=client)
@@ -59,7 +60,7 @@ def test_retries_back_off_and_recover(llama, data, llama_reference):
 def test_retries_are_bounded_and_say_how_to_resume(llama, data):
     prompts, answers = data
     failures = [TimeoutError("read timed out")] * 3
-    client, sleeps = quiet_client(llama, Recording(LocalTransport.for_model(llama), failures),
+    client, sleeps = quiet_client(llama, Recording(trusted(llama), failures),
                                   max_retries=2, backoff_s=10.0, max_backoff_s=15.0)
     remote = RemoteExecutor(llama, prompts, answers, batch_size=8, client=client)
     with pytest.raises(RemoteRunError, match="after 3 attempts.*rerunning the same command"):
@@ -80,7 +81,7 @@ def test_errors_that_retrying_cannot_fix_are_raised_at_once(llama, data):
             (ValueError("a bug"), ValueError, "a bug"),  # not the service's: as it is
             (unauthorized, RemoteRunError,
              "NDIF refused request full model: Failed to send request: Missing or invalid API")):
-        transport = Recording(LocalTransport.for_model(llama), [failure])
+        transport = Recording(trusted(llama), [failure])
         client, sleeps = quiet_client(llama, transport)
         remote = RemoteExecutor(llama, prompts, answers, batch_size=8, client=client)
         with pytest.raises(raised, match=message):
@@ -119,7 +120,7 @@ def test_a_job_error_that_would_recur_stops_at_once_with_one_line(llama, data, l
     prompts, answers = data
     layer = llama_table.layer(2)
     partial = CamaLayer(2, layer.keys[:3], layer.means[:3], "cama")
-    transport = Recording(LocalTransport.for_model(llama))
+    transport = Recording(trusted(llama))
     client, sleeps = quiet_client(llama, transport)
     remote = RemoteExecutor(llama, prompts, answers, batch_size=8, client=client)
     with pytest.raises(RemoteRunError) as raised:
@@ -139,13 +140,13 @@ def test_requests_over_the_byte_budget_are_split_in_halves(llama, data, llama_ta
                                                            llama_reference):
     prompts, answers = data
     cells = af1_cells(llama_table)[:8]
-    whole = Recording(LocalTransport.for_model(llama))
+    whole = Recording(trusted(llama))
     client, _ = quiet_client(llama, whole, compress=False)
     list(RemoteExecutor(llama, prompts, answers, batch_size=8, cells_per_request=8,
                         client=client).run_many(cells))
     (size,) = [len(b) for b in whole.blobs]
 
-    transport = Recording(LocalTransport.for_model(llama))
+    transport = Recording(trusted(llama))
     client, _ = quiet_client(llama, transport, compress=False, max_request_bytes=size - 1)
     got = dict(RemoteExecutor(llama, prompts, answers, batch_size=8, cells_per_request=8,
                               client=client).run_many(cells))
@@ -182,7 +183,7 @@ def test_http_413_halves_the_request_and_lowers_the_budget(llama, data):
                 raise too_large()
             return super().send(blob, compress)
 
-    transport = FrontEnd(LocalTransport.for_model(llama))
+    transport = FrontEnd(trusted(llama))
     client, sleeps = quiet_client(llama, transport, compress=False, max_request_bytes=None)
     remote = RemoteExecutor(llama, prompts, answers, batch_size=8, cells_per_request=8,
                             client=client)
@@ -211,7 +212,7 @@ def test_a_rerun_resumes_from_the_ledger(tmp_path, llama, data, llama_table, lla
                 raise ConnectionError("network down")
             return super().send(blob, compress)
 
-    first, _ = quiet_client(llama, DiesAfter(LocalTransport.for_model(llama)),
+    first, _ = quiet_client(llama, DiesAfter(trusted(llama)),
                             ledger=tmp_path / "ledger", max_retries=1)
     remote = RemoteExecutor(llama, prompts, answers, batch_size=8, cells_per_request=8,
                             client=first)
@@ -221,7 +222,7 @@ def test_a_rerun_resumes_from_the_ledger(tmp_path, llama, data, llama_table, lla
             done.append(tag)
     assert len(done) == 8  # the first request finished and was yielded
 
-    transport = Recording(LocalTransport.for_model(llama))
+    transport = Recording(trusted(llama))
     second, _ = quiet_client(llama, transport, ledger=tmp_path / "ledger")
     remote = RemoteExecutor(llama, prompts, answers, batch_size=8, cells_per_request=8,
                             client=second)
@@ -236,7 +237,7 @@ def test_a_rerun_resumes_from_the_ledger(tmp_path, llama, data, llama_table, lla
 def test_submit_now_collect_later(tmp_path, llama, data, llama_table, llama_reference):
     prompts, answers = data
     cells = af1_cells(llama_table)
-    server = LocalTransport.for_model(llama)  # holds the submitted jobs, as NDIF would
+    server = trusted(llama)  # holds the submitted jobs, as NDIF would
 
     transport = Recording(server)
     client, _ = quiet_client(llama, transport, blocking=False, ledger=tmp_path / "ledger")
@@ -266,7 +267,7 @@ def test_a_job_that_never_finishes_times_out_and_is_polled_again(tmp_path, llama
             self.calls["poll"] += 1
             return None
 
-    transport = Stuck(LocalTransport.for_model(llama))
+    transport = Stuck(trusted(llama))
     client, sleeps = quiet_client(llama, transport, blocking=False, timeout_s=0.0,
                                   max_retries=2, ledger=tmp_path / "l" if with_ledger else None)
     with pytest.raises(RemoteRunError, match="did not finish"):
@@ -285,7 +286,7 @@ def test_a_job_that_failed_on_the_server_is_submitted_again(llama, data, llama_r
                 raise RemoteError("job failed: CUDA out of memory")
             return self.inner.poll(job_id, compress)
 
-    transport = FailsOnce(LocalTransport.for_model(llama))
+    transport = FailsOnce(trusted(llama))
     client, sleeps = quiet_client(llama, transport, blocking=False)
     clean = RemoteExecutor(llama, prompts, answers, batch_size=8, client=client).clean()
     assert_same(llama_reference["clean"], clean)
@@ -298,7 +299,7 @@ def test_an_expired_result_is_resubmitted_and_recorded(tmp_path, llama, data, ll
     submitted again, and the ledger and the stats say which jobs expired."""
     prompts, answers = data
     cells = af1_cells(llama_table)
-    server = LocalTransport.for_model(llama)
+    server = trusted(llama)
     client, _ = quiet_client(llama, Recording(server), blocking=False, ledger=tmp_path / "l")
     old = RemoteExecutor(llama, prompts, answers, batch_size=8, cells_per_request=8,
                          client=client).submit(cells)
@@ -337,7 +338,7 @@ def test_the_overall_time_out_stops_a_blocking_wait(llama, data):
             release.wait()
             raise ConnectionError("gone")
 
-    client, _ = quiet_client(llama, Hangs(LocalTransport.for_model(llama)),
+    client, _ = quiet_client(llama, Hangs(trusted(llama)),
                              overall_timeout_s=0.2)
     try:
         with pytest.raises(ClientTimeout) as raised:
@@ -362,7 +363,7 @@ def test_the_overall_time_out_keeps_a_submitted_job_for_the_rerun(tmp_path, llam
     def sleep(seconds):
         now[0] += seconds
 
-    server = LocalTransport.for_model(llama)
+    server = trusted(llama)
     stuck = Stuck(server)
     client = RemoteClient(llama, transport=stuck, blocking=False, ledger=tmp_path / "l",
                           overall_timeout_s=60.0, poll_interval_s=7.0, log=lambda m: None,
@@ -386,7 +387,7 @@ def test_ctrl_c_leaves_the_ledger_consistent_and_a_rerun_resumes(tmp_path, monke
                                                                  llama_reference):
     prompts, answers = data
     cells = af1_cells(llama_table)
-    server = LocalTransport.for_model(llama)
+    server = trusted(llama)
     blocking = where != "polling"
 
     class Interrupted(Recording):
@@ -447,17 +448,21 @@ class FakeNdif:
 
     Faults: the first ``fail_posts`` POSTs fail to connect; a body over ``max_body`` bytes is
     refused with HTTP 413; the links of the first ``expire`` results answer 403, as an expired
-    presigned link does.
+    presigned link does; the first ``silent_sockets`` websockets say nothing after the session
+    id (a half-open connection); the response route answers HTTP 404 for the ``unknown`` jobs
+    (NDIF records no status there for a job posted with a websocket session).
     """
 
-    def __init__(self, server, fail_posts=0, max_body=None, expire=0):
+    def __init__(self, server, fail_posts=0, max_body=None, expire=0, silent_sockets=0,
+                 unknown=()):
         from nnsight.schema.response import ResponseModel, Status
 
         self.Response, self.Status = ResponseModel, Status
         self.server = server
         self.fail_posts, self.max_body, self.expire = fail_posts, max_body, expire
+        self.silent_sockets, self.unknown = silent_sockets, set(unknown)
         self.posts, self.results, self.expired = [], {}, set()
-        self.sockets = self.polls = self.refused = 0
+        self.sockets = self.polls = self.refused = self.unknown_polls = 0
 
     def _status(self, job_id, status, data=None):
         return self.Response(id=job_id, status=status, data=data).model_dump_json()
@@ -510,6 +515,9 @@ class FakeNdif:
             def get(self, url, headers=None):
                 ndif.polls += 1
                 job_id = url.rsplit("/", 1)[1]
+                if job_id in ndif.unknown:
+                    ndif.unknown_polls += 1
+                    return Reply(status_code=404)
                 return Reply(text=ndif._status(job_id, ndif.Status.COMPLETED,
                                                f"https://store/{job_id}"))
 
@@ -525,14 +533,21 @@ class FakeNdif:
 
         return Client()
 
-    def create_connection(self, url, header=None):
+    def create_connection(self, url, header=None, timeout=None):
+        import websocket
+
         ndif = self
         self.sockets += 1
+
+        silent = self.silent_sockets > 0
+        self.silent_sockets -= silent
 
         class Socket:
             frames = [json.dumps({"session_id": "session-1"})]
 
             def recv(self):
+                if not self.frames and silent:
+                    raise websocket.WebSocketTimeoutException("timed out")
                 if not self.frames:  # after the POST: the job's completion
                     job_id = f"job-{len(ndif.posts) - 1}"
                     return ndif._status(job_id, ndif.Status.COMPLETED, f"https://store/{job_id}")
@@ -547,7 +562,7 @@ class FakeNdif:
         return Socket()
 
 
-def fake_network(monkeypatch, llama, ndif):
+def fake_network(monkeypatch, llama, ndif, silence_s=None):
     """An NdifTransport that reaches ``ndif`` through nnsight's own client code."""
     import websocket
     from nnsight.schema.config import CONFIG
@@ -557,7 +572,8 @@ def fake_network(monkeypatch, llama, ndif):
     monkeypatch.setattr(httpx, "Client", ndif.client)
     monkeypatch.setattr(websocket, "create_connection", ndif.create_connection)
     monkeypatch.setattr(CONFIG.APP, "REMOTE_LOGGING", False)
-    transport = NdifTransport(llama.lm, host="https://ndif.test", api_key="key-123")
+    transport = NdifTransport(llama.lm, host="https://ndif.test", api_key="key-123",
+                              silence_s=silence_s)
     transport._model_key = "nnsight.modeling.transformers.TransformersModel:{}"  # no Hub here
     return transport
 
@@ -565,7 +581,7 @@ def fake_network(monkeypatch, llama, ndif):
 @pytest.mark.parametrize("blocking", [True, False])
 def test_ndif_transport_through_nnsights_client_on_a_fake_network(monkeypatch, blocking, llama,
                                                                   data, llama_reference):
-    ndif = FakeNdif(LocalTransport.for_model(llama), fail_posts=1)
+    ndif = FakeNdif(trusted(llama), fail_posts=1)
     transport = fake_network(monkeypatch, llama, ndif)
     client, sleeps = quiet_client(llama, transport, blocking=blocking)
     remote = RemoteExecutor(llama, *data, batch_size=8, client=client)
@@ -574,7 +590,7 @@ def test_ndif_transport_through_nnsights_client_on_a_fake_network(monkeypatch, b
     (post,) = ndif.posts
     assert post["url"] == "https://ndif.test/request"
     assert post["headers"]["ndif-api-key"] == "key-123"
-    assert post["headers"]["nnsight-version"] == "0.8.1"
+    assert post["headers"]["nnsight-version"] == importlib.metadata.version("nnsight")
     assert post["meta"]["model_key"] == transport.model_key
     assert post["meta"]["env"] == {"attn_implementation": "sdpa"}
     record = client.stats.requests[-1]
@@ -603,7 +619,7 @@ def test_413_and_expired_links_through_nnsights_client(monkeypatch, llama, data,
     # Sizes of the whole request and of each half. The same request need not serialize to the
     # same number of bytes twice (cloudpickle 3 differs by a few bytes), so the limit lies
     # halfway between the larger half and the whole, not one byte under the whole.
-    measure = FakeNdif(LocalTransport.for_model(llama))
+    measure = FakeNdif(trusted(llama))
     client, _ = quiet_client(llama, fake_network(monkeypatch, llama, measure))
     for part in (cells, cells[:1], cells[1:]):
         list(RemoteExecutor(llama, prompts, answers, batch_size=8, client=client).run_many(part))
@@ -611,7 +627,7 @@ def test_413_and_expired_links_through_nnsights_client(monkeypatch, llama, data,
     assert max(halves) < whole
     limit = (max(halves) + whole) // 2
 
-    ndif = FakeNdif(LocalTransport.for_model(llama), max_body=limit, expire=1)
+    ndif = FakeNdif(trusted(llama), max_body=limit, expire=1)
     client, sleeps = quiet_client(llama, fake_network(monkeypatch, llama, ndif), blocking=False)
     got = dict(RemoteExecutor(llama, prompts, answers, batch_size=8, client=client)
                .run_many(cells))
@@ -622,3 +638,172 @@ def test_413_and_expired_links_through_nnsights_client(monkeypatch, llama, data,
     assert second.resubmitted_from == [] and len(ndif.posts) == 3
     for tag, _, _ in cells:
         assert_same(llama_reference[tag], got[tag])
+
+
+# -- NDIF's execution time-out, silent connections, lost jobs, "try again" ------------------------
+
+
+TIMEOUT = "Your job exceeded the execution timeout of 3600.0s."  # NDIF 0.1.2's words
+
+
+class TimesOut(Recording):
+    """A server whose execution time-out a request of more than ``limit`` forward passes
+    exceeds (each prompt batch of a configuration is one forward pass; ``traces`` is set to the
+    request's count as the client delivers it)."""
+
+    def __init__(self, inner, limit):
+        super().__init__(inner)
+        self.limit, self.traces, self.timed_out = limit, None, []
+
+    def send(self, blob, compress):
+        if self.traces > self.limit:
+            self.calls["send"] += 1
+            self.timed_out.append(self.traces)
+            raise RemoteError(TIMEOUT)
+        return super().send(blob, compress)
+
+
+def test_an_execution_time_out_splits_the_request_recursively_and_is_recorded(
+        llama, data, llama_table, llama_reference):
+    """Never sent again as it was: halved until it fits (down to one configuration), later
+    requests split before they are sent, and the stats name the requests that timed out."""
+    prompts, answers = data
+    cells = af1_cells(llama_table)[:8]  # 8 configurations x 5 batches = 40 forward passes
+    transport = TimesOut(trusted(llama), limit=5)
+    client, sleeps = quiet_client(llama, transport)
+    original = client.deliver
+
+    def deliver(blob, kind, label, key, n_cells, traces):
+        transport.traces = traces
+        return original(blob, kind, label, key, n_cells, traces)
+
+    client.deliver = deliver
+    remote = RemoteExecutor(llama, prompts, answers, batch_size=8, cells_per_request=8,
+                            client=client)
+    got = dict(remote.run_many(cells))
+    # 40 -> 20 -> 10 -> 5 forward passes: three time-outs, each split, none retried as it was
+    assert transport.timed_out == [40, 20, 10] and sleeps == []
+    assert [r.cells for r in client.stats.requests] == [1] * 8
+    stats = client.stats.to_dict()
+    assert stats["execution_timeouts"] == ["cells 1-8 of 8", "cells 1-4 of 8", "cells 1-2 of 8"]
+    assert stats["max_traces"] == 9 and client.max_traces == 9
+    for tag, _, _ in cells:
+        assert_same(llama_reference[tag], got[tag])
+    # A single configuration that times out is one line: nothing left to split.
+    transport.limit = 0
+    with pytest.raises(RemoteRunError, match=r"ran past NDIF's execution time-out with a single "
+                                             r"configuration \(5 forward passes; Your job "
+                                             r"exceeded the execution timeout of 3600\.0s\.\)"):
+        list(RemoteExecutor(llama, prompts, answers, batch_size=8, client=client)
+             .run_many(cells[:1]))
+
+
+def test_a_job_unknown_past_the_bound_is_given_up_resubmitted_and_recorded(
+        tmp_path, llama, data, llama_table, llama_reference):
+    """``--submit``, then collecting a job NDIF no longer knows (HTTP 404 from its response
+    route): polled until ``unknown_after_s``, then given up (said in the log), submitted again
+    and recorded in the ledger and the stats."""
+    from interventions.executors.remote.faults import JobUnknown
+
+    prompts, answers = data
+    cells = af1_cells(llama_table)[:2]
+    server = trusted(llama)
+    client, _ = quiet_client(llama, Recording(server), blocking=False, ledger=tmp_path / "l")
+    (old,) = RemoteExecutor(llama, prompts, answers, batch_size=8, client=client).submit(cells)
+    server._jobs.clear()  # NDIF lost it
+    now, logged = [0.0], []
+
+    class Lost(Recording):
+        """NDIF's response route: HTTP 404 says nothing about whether the job may yet appear."""
+
+        def poll(self, job_id, compress):
+            self.calls["poll"] += 1
+            try:
+                return self.inner.poll(job_id, compress)
+            except JobUnknown as error:
+                now[0] += 100.0  # each poll a hundred seconds later
+                raise JobUnknown(str(error)) from None
+
+    later = Lost(server)
+    client = RemoteClient(llama, transport=later, blocking=False, ledger=tmp_path / "l",
+                          unknown_after_s=250.0, log=logged.append, sleep=lambda s: None,
+                          clock=lambda: now[0])
+    got = dict(RemoteExecutor(llama, prompts, answers, batch_size=8, client=client).run_many(
+        cells))
+    for tag, _, _ in cells:
+        assert_same(llama_reference[tag], got[tag])
+    # first unknown at 100 s, still at 200, 300, 400 s: given up once 250 s have passed, then
+    # resubmitted, and the new job collected at the fifth poll
+    assert later.calls == {"send": 0, "submit": 1, "poll": 5}
+    assert any(f"NDIF has had no record of job {old} for 300 s; giving it up and submitting "
+               "the request again" in line for line in logged)
+    (record,) = client.stats.requests
+    assert record.lost_jobs == [old] and client.stats.to_dict()["n_lost"] == 1
+    index, _ = ledger_state(tmp_path / "l")
+    (entry,) = index.values()
+    assert entry["lost_jobs"] == [old] and entry["state"] == "done"
+
+
+def test_503_backs_off_with_jitter_for_minutes_and_honours_retry_after(llama, data,
+                                                                       llama_reference):
+    prompts, answers = data
+
+    def busy(retry_after=None):
+        request = httpx.Request("POST", "https://ndif.test/request")
+        headers = {"Retry-After": str(retry_after)} if retry_after is not None else {}
+        response = httpx.Response(503, request=request, headers=headers,
+                                  json={"detail": "try again"})
+        error = RemoteError("Failed to send request: try again")
+        error.__cause__ = httpx.HTTPStatusError("503", request=request, response=response)
+        return error
+
+    # Eight refusals: more than the 3 retries of other failures, within the 8 of "try again".
+    failures = [busy() for _ in range(6)] + [busy(retry_after=250), busy()]
+    jitter = iter([0.0, 1.0, 0.5, 0.0, 1.0, 0.5, 0.0, 1.0])
+    transport = Recording(trusted(llama), failures)
+    client, sleeps = quiet_client(llama, transport, jitter=lambda: next(jitter))
+    clean = RemoteExecutor(llama, prompts, answers, batch_size=8, client=client).clean()
+    assert_same(llama_reference["clean"], clean)
+    # 2 s doubling, capped at 300 s, each jittered to 50-100 %; Retry-After (250 s) raises one
+    steps = [2, 4, 8, 16, 32, 64, 128, 256]
+    factors = [0.5, 1.0, 0.75, 0.5, 1.0, 0.75, 0.5, 1.0]
+    expected = [s * f for s, f in zip(steps, factors)]
+    expected[6] = 250.0
+    assert sleeps == pytest.approx(expected)
+    assert client.stats.requests[-1].attempts == 9
+    # A ninth refusal is one too many.
+    transport = Recording(trusted(llama), [busy() for _ in range(9)])
+    client, sleeps = quiet_client(llama, transport)
+    with pytest.raises(RemoteRunError, match="failed after 9 attempts"):
+        RemoteExecutor(llama, prompts, answers, batch_size=8, client=client).clean()
+    assert len(sleeps) == 8 and max(sleeps) == 256.0
+
+
+def test_a_silent_websocket_falls_back_to_polling_then_resubmits(monkeypatch, tmp_path, llama,
+                                                                 data, llama_reference):
+    """Through nnsight's client on a fake network: the job is posted, then the websocket
+    says nothing for ``silence_s``. The client asks NDIF's response route about the job (a
+    blocking job has no record there: HTTP 404), gives it up, submits the request again over
+    HTTP and polls it; the ledger and the stats record the lost job."""
+    ndif = FakeNdif(trusted(llama), silent_sockets=1, unknown=["job-0"])
+    transport = fake_network(monkeypatch, llama, ndif, silence_s=0.01)
+    now, logged = [0.0], []
+
+    def sleep(seconds):
+        now[0] += seconds
+
+    client = RemoteClient(llama, transport=transport, ledger=tmp_path / "l", log=logged.append,
+                          sleep=sleep, clock=lambda: now[0], unknown_after_s=10.0,
+                          poll_interval_s=3.0, jitter=lambda: 1.0)
+    clean = RemoteExecutor(llama, *data, batch_size=8, client=client).clean()
+    assert_same(llama_reference["clean"], clean)
+    assert ndif.sockets == 1 and [p["meta"].get("session_id") or None for p in ndif.posts] == \
+        ["session-1", None]  # the second post is a submission without a websocket
+    assert ndif.unknown_polls == 5  # 0, 3, 6, 9, 12 s: past the 10 s bound
+    assert any("no status from NDIF for 0.01 s on the websocket (job job-0); asking NDIF's "
+               "response route about the job" in line for line in logged)
+    (record,) = client.stats.requests
+    assert record.lost_jobs == ["job-0"] and record.job_id == "job-1" and record.attempts == 3
+    index, _ = ledger_state(tmp_path / "l")
+    (entry,) = index.values()
+    assert entry["lost_jobs"] == ["job-0"] and entry["state"] == "done"

@@ -1,12 +1,12 @@
 """The server side of remote runs: NDIF's own request execution in a process of its own (equal to
 the local path), a server that never resets nnsight's source caches (one trace site, content-
-addressed file name), NDIF's rejections, the self-check on arrival, and the one home of
-nnsight's private names.
+addressed file name), NDIF's rejections, the lines of NDIF's model actor the library copies, the
+self-check on arrival (within a bound that follows from the dtype), and the one home of
+nnsight's private names. Every request kind through NDIF's sandbox: test_remote_sandbox.py.
 """
 
 import ast
 import copy
-import json
 import linecache
 import sys
 from pathlib import Path
@@ -18,10 +18,10 @@ from conftest import wrap_tiny
 from nnsight import save
 from remote_helpers import (N_LAYERS, WorkerTransport, arithmetic, assert_same,  # noqa: F401
                             assert_tables_close, data, intervention_of, llama, needs_ndif,
-                            quiet_client)
+                            quiet_client, trusted)
 
 import tiny
-from interventions import (AF1Plan, NnsightExecutor, UserError, apply_af1, build_cama_table,
+from interventions import (AF1Plan, NnsightExecutor, UserError, build_cama_table,
                            load_model)
 from interventions import nnsight_internals as internals
 from interventions.executors.remote import executor as remote_executor
@@ -31,7 +31,6 @@ from interventions.executors.remote.executor import RemoteExecutor, load_remote_
 from interventions.executors.remote.faults import deterministic_failure
 from interventions.executors.remote.selfcheck import run_self_check
 from interventions.executors.remote.steps import batch_traces
-from interventions.executors.remote.transport import LocalTransport
 from interventions.mechanisms.plan import Intervention
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -232,7 +231,7 @@ def test_ndifs_own_rejections_are_not_retried():
 def test_a_server_model_with_other_modules_fails_the_self_check_with_its_cause(llama, data,
                                                                                digit_tok):
     server = wrap_tiny("llama", digit_tok, "sdpa", n_layers=N_LAYERS - 1)
-    client, sleeps = quiet_client(llama, LocalTransport.for_model(server))
+    client, sleeps = quiet_client(llama, trusted(server))
     check = run_self_check(client, llama, data[0])
     assert not check.passed and check.compared == [] and sleeps == []
     with pytest.raises(UserError) as raised:
@@ -245,88 +244,61 @@ def test_a_server_model_with_other_modules_fails_the_self_check_with_its_cause(l
         in message
 
 
-# -- NDIF's sandbox: the block in a runner process, the forward here ----------------------------
+# -- NDIF's model actor: what the library copies of it, pinned to the installed source -------------
 
-# A runner's interpreter: python that cannot import the project (runs ``-m <module> args``).
-SANDBOX_RUNNER = """import importlib.abc, runpy, sys
-class Refuse(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in {roots}:
-            raise ModuleNotFoundError(f"No module named {{name!r}} (not on the server)")
-sys.meta_path.insert(0, Refuse())
-module = sys.argv[2]
-sys.argv = [module] + sys.argv[3:]
-runpy.run_module(module, run_name="__main__", alter_sys=True)
-"""
-
-
-class SandboxTransport:
-    """NDIF 0.1.2's sandbox path (``host.spawn`` + ``SandboxDriver.pump``, what its sandbox
-    deployment runs for untrusted requests): a runner process, which cannot import the project,
-    deserializes and runs the block against a weightless model; the forward runs here on
-    ``lm``, interleaved over a socket. The runner's interleaver has no batcher."""
-
-    name, host = "ndif-sandbox", None
-
-    def __init__(self, lm, directory):
-        from remote_worker import PROJECT
-
-        self.lm = lm
-        runner = Path(directory) / "runner.py"
-        runner.write_text(SANDBOX_RUNNER.format(roots=json.dumps(sorted(PROJECT))))
-        self.python = Path(directory) / "python-without-the-project"
-        self.python.write_text(f'#!/bin/sh\nexec "{sys.executable}" "{runner}" "$@"\n')
-        self.python.chmod(0o755)
-
-    def send(self, blob, compress):
-        import zstandard
-        from ndif.services.ray.sandbox.driver import SandboxDriver
-        from ndif.services.ray.sandbox.host import spawn
-
-        box = spawn(python=str(self.python), quiet=True, timeout=300)
-        connection = box.connection()
-        try:
-            connection.send((blob, compress, str(torch.float32), None, {}))
-            content, _ = SandboxDriver(self.lm, torch.float32).pump(connection)
-        finally:
-            connection.close()
-            box.stop()
-        return (zstandard.ZstdCompressor(level=3).compress(content) if compress else content), \
-            None
-
-
-def two_invokes(lm, sites, backend, first, second, plan):
-    with torch.no_grad(), lm.trace(backend=backend) as tracer:
-        with tracer.invoke(first):
-            apply_af1(sites, plan)
-            logits_first = lm.lm_head.output[:, -1].save()
-        with tracer.invoke(second):
-            apply_af1(sites, plan)
-            logits_second = lm.lm_head.output[:, -1].save()
-    return backend.result
+# Lines of ndif 0.1.2's model actor (which cannot be built without Ray, Redis and an object
+# store) that ndif_server.ModelActor repeats, by file: if NDIF changes one, this fails and the copy
+# must follow.
+COPIED_FROM_NDIF = {
+    "services/ray/deployments/modeling/base.py": [
+        "model = HuggingFaceModel.from_model_key(",  # load_server_model: loaded from the key,
+        "model._module.requires_grad_(False)",  # inference-only
+        "await asyncio.to_thread(self.model._remoteable_set_env, request.env)",  # env first
+        "self.model.interleaver.cancel()",  # cleanup after every request
+        "data = zstandard.ZstdCompressor(level=3).compress(data)",  # the result's encoding
+        "if isinstance(exception, RequestError):\n            return str(exception), False",
+        "tracer, deserialize_ms = prepare_traced_block(",  # the trusted path
+        "saved = execute_traced_block(tracer, self.dtype)",
+        "torch.save(saved, buffer, pickle_module=cpu_pickle_module())",
+    ],
+    "services/ray/sandbox/model.py": [
+        "if request.trusted:\n            return super().execute(request)\n        return "
+        "self.run_in_runner(request, None)",  # an ordinary key: the sandbox, no seed
+        "connection.send(\n                (request.payload, request.compress, str(self.dtype), "
+        "seed, request.env)\n            )",  # what a runner is handed
+        "driver = SandboxDriver(\n                self.model,\n                self.dtype,",
+        "return driver.pump(connection)",
+        "if isinstance(exception, RunnerError):\n            return str(exception), False",
+        "self.discard_sandbox()",  # a fresh runner per request
+    ],
+    "services/ray/sandbox/host.py": [  # RunnerPool._spawn: NDIF's call, a longer time-out
+        "return spawn(\n            python=self.python,\n            quiet=self.quiet,\n"
+        "            peers=self.peers,\n            model_key=self.model_key,\n"
+        "            trust_remote_code=self.trust_remote_code,\n        )",
+    ],
+}
 
 
 @needs_ndif
-def test_several_invokes_keep_their_own_masks_in_ndifs_sandbox(tmp_path, llama, digit_tok):
-    """Two invokes of equal length under sdpa (the model passes no mask, so each invoke's rows
-    are found from the running mediators): in the sandbox, where the interleaver has no batcher,
-    each invoke's logits equal its own trace's."""
-    first = digit_tok(["Calculate: 3+4=", "Calculate: 7+1="], return_tensors="pt")
-    second = digit_tok(["Calculate: 5+2=", "Calculate: 2+2="], return_tensors="pt")
-    plan = AF1Plan(0, 2)
+def test_the_copied_lines_of_ndifs_model_actor_are_ndifs():
+    import importlib.util
 
-    def alone(enc):
-        with torch.no_grad(), llama.lm.trace(enc):
-            apply_af1(llama.sites, plan)
-            logits = llama.lm.lm_head.output[:, -1].save()
-        return logits
+    from interventions.executors.remote import ndif_server
 
-    client, _ = quiet_client(llama, SandboxTransport(llama.lm, tmp_path), max_retries=0)
-    got = two_invokes(llama.lm, llama.sites, client.backend("probe", "two invokes"), first,
-                      second, plan)
-    # the same float32 ops on the same rows; batching two invokes may reorder reductions
-    torch.testing.assert_close(got["logits_first"], alone(first), rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(got["logits_second"], alone(second), rtol=1e-5, atol=1e-5)
+    root = Path(importlib.util.find_spec("ndif").submodule_search_locations[0])
+    for name, lines in COPIED_FROM_NDIF.items():
+        text = (root / name).read_text()
+        missing = [line for line in lines if line not in text]
+        assert missing == [], f"ndif's {name} changed: {missing}"
+    assert ndif_server.RESULT_ZSTD_LEVEL == 3 and ndif_server.ndif_version() == "0.1.2"
+
+
+def test_a_checkpoints_model_key_is_the_one_nnsight_forms(tmp_path, digit_tok):
+    from nnsight.modeling.transformers import TransformersModel
+
+    checkpoint = str(tiny.save_tiny_model("llama", tmp_path / "m", digit_tok, "eager"))
+    lm = TransformersModel(checkpoint, task="text-generation", tokenizer=digit_tok)
+    assert internals.model_key(lm) == internals.model_key_of_checkpoint(checkpoint)
 
 
 # -- the self-check on arrival ---------------------------------------------------------------------
@@ -338,7 +310,7 @@ def test_several_invokes_keep_their_own_masks_in_ndifs_sandbox(tmp_path, llama, 
 def test_the_self_check_passes_where_the_interventions_work(arch, attn, digit_tok):
     model = wrap_tiny(arch, digit_tok, attn)
     prompts, _ = arithmetic(digit_tok)
-    client, _ = quiet_client(model, LocalTransport.for_model(model))
+    client, _ = quiet_client(model, trusted(model))
     check = run_self_check(client, model, prompts)
     assert check.passed and check.check() is check
     values = {c["check"]: c["value"] for c in check.compared}
@@ -357,14 +329,17 @@ def test_the_self_check_catches_a_mask_slot_the_layers_ignore(llama, data):
     model = copy.copy(llama)  # the slot as a client with another transformers might resolve it
     model.sites = ModelSites(sites.root, sites.layers, None, "not_the_mask",
                              sites.attn_implementation)
-    client, _ = quiet_client(model, LocalTransport.for_model(llama))
+    client, _ = quiet_client(model, trusted(llama))
     check = run_self_check(client, model, data[0], server_transformers="9.9.9")
     failed = [c["check"] for c in check.compared if not c["passed"]]
     assert not check.passed and failed == ["sink_self"]
+    bound = f"{(N_LAYERS + 1) * torch.finfo(torch.float32).eps:.3g}"
     with pytest.raises(UserError, match=r"a sink-and-self mask at every layer changes the logits "
-                                        r"does not hold \(sink_self = 0, expected > 0\); likely "
-                                        r"cause: the attention-mask slot resolved on the client "
-                                        r"\(argument None or keyword 'not_the_mask'\)"):
+                                        r"does not hold \(sink_self = 0, relative to the clean "
+                                        rf"magnitude; bound {bound} for float32, expected > "
+                                        rf"{bound}\); likely cause: the attention-mask slot "
+                                        r"resolved on the client \(argument None or keyword "
+                                        r"'not_the_mask'\)"):
         check.check()
     with pytest.raises(UserError, match=r"transformers \S+ here, 9\.9\.9 on the server"):
         check.check()
@@ -380,7 +355,7 @@ def test_the_self_check_catches_a_write_that_lands_elsewhere(monkeypatch, llama,
         return torch.roll(rows, 1, dims=1)
 
     monkeypatch.setattr(selfcheck, "_expected_rows", shifted)
-    client, _ = quiet_client(llama, LocalTransport.for_model(llama))
+    client, _ = quiet_client(llama, trusted(llama))
     check = run_self_check(client, llama, data[0])
     assert [c["check"] for c in check.compared if not c["passed"]] == ["write_error"]
     with pytest.raises(UserError, match="layer w receives the CAMA row of every non-sink token "
@@ -425,3 +400,64 @@ def test_nnsights_private_names_are_used_only_in_nnsight_internals():
     for name in (".current", "._module", "._remoteable_persistent_objects", "SOURCES",
                  "import _saves", "import inc"):
         assert name in at_home  # the scan sees them where they are
+
+
+def test_self_check_bounds_follow_the_dtype():
+    """``(n + 1) * eps``: a value at the bound passes, one just beyond fails; a change must
+    exceed the same bound."""
+    from interventions.executors.remote.selfcheck import judge, rounding_bound
+
+    eps = 2.0 ** -7  # bfloat16
+    assert rounding_bound("bfloat16", 32) == 33 * eps
+    assert rounding_bound("float32", 4) == 5 * torch.finfo(torch.float32).eps
+    at = {"all_allowed": 33 * eps, "sink_self": 33 * eps * 1.01, "before_write": 17 * eps,
+          "write_error": 0.0, "write_change": 1.0}
+    assert all(c["passed"] for c in judge(at, "bfloat16", 32, 16))
+    beyond = {**at, "all_allowed": 33 * eps * 1.01, "sink_self": 33 * eps}
+    assert [c["check"] for c in judge(beyond, "bfloat16", 32, 16) if not c["passed"]] == \
+        ["all_allowed", "sink_self"]
+
+
+@pytest.mark.parametrize("ulps,passes", [(1, True), (12, False)])
+def test_a_bfloat16_self_check_passes_within_its_bound_and_fails_beyond(ulps, passes,
+                                                                        digit_tok, data):
+    """A server whose forward passes differ as a GPU's may: every trace's logits moved by
+    ``ulps`` units of bfloat16 rounding of their row's largest value, in turn up and down (the
+    clean and the all-allowed trace then differ by twice that). One unit passes the bound of
+    ``(L + 1) * eps`` = 5 units; twelve fail, and the one line names the comparison, its value,
+    the bound and the dtype."""
+    from interventions.mechanisms.models import wrap_model
+
+    hf = tiny.tiny_hf_model("llama", digit_tok, "sdpa").to(torch.bfloat16)
+    model = wrap_model(hf, digit_tok)
+    eps = torch.finfo(torch.bfloat16).eps
+    sign = [1.0]
+
+    def nondeterministic(module, args, out):
+        sign[0] = -sign[0]
+        scale = out.abs().amax(-1, keepdim=True)
+        return out + sign[0] * ulps * eps * scale
+
+    handle = hf.lm_head.register_forward_hook(nondeterministic)
+    try:
+        client, _ = quiet_client(model, trusted(model))
+        check = run_self_check(client, model, data[0])
+    finally:
+        handle.remove()
+    values = {c["check"]: c for c in check.compared}
+    bound = (N_LAYERS + 1) * eps
+    assert values["all_allowed"]["bound"] == bound and check.dtype == "bfloat16"
+    assert values["all_allowed"]["value"] > 0  # the passes differ, as on a GPU
+    assert check.passed == passes
+    if passes:
+        assert check.check() is check
+        return
+    assert [c["check"] for c in check.compared if not c["passed"]] == ["all_allowed"]
+    with pytest.raises(UserError) as raised:
+        check.check()
+    message = str(raised.value)
+    value = values["all_allowed"]["value"]
+    assert "\n" not in message and message.startswith(
+        "the remote self-check failed: an explicit all-allowed mask at every layer reproduces "
+        f"the clean logits does not hold (all_allowed = {value:.3g}, relative to the clean "
+        f"magnitude; bound {bound:.3g} for bfloat16, expected <= {bound:.3g})")

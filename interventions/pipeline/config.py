@@ -16,6 +16,7 @@ from typing import Sequence
 
 from ..errors import UserError
 from ..executors.remote.executor import check_cells_per_request
+from ..executors.remote.ndif_server import SERVER_PATHS
 from ..mechanisms.plan import AF1Plan
 from .experiments import THRESHOLD_RULES
 
@@ -59,10 +60,13 @@ class JobConfig:
     cache_dir: str | None = None
     remote: bool = False
     remote_backend: str = "remote"  # "local": the remote path run here (offline test)
+    server_path: str | None = None  # --remote-backend local: "sandbox" (default) or "trusted"
     cells_per_request: int = 32
     max_request_mb: float = 16.0  # request byte budget (serialized, before compression)
     remote_timeout: str = "24h"  # overall client time-out of a remote job
+    remote_silence: str = "65m"  # longest silence on NDIF's websocket before polling
     allow_version_drift: bool = False  # client and NDIF transformers major.minor may differ
+    allow_nnsight_mismatch: bool = False  # run although NDIF's nnsight differs from this one
     dry_run: bool = False
     submit: bool = False
     progress: bool = True
@@ -159,10 +163,19 @@ def check_config(cfg: JobConfig) -> None:
                         f"{cfg.answer!r}")
     if cfg.remote_backend not in ("remote", "local"):
         raise UserError(f"--remote-backend must be remote or local, got {cfg.remote_backend!r}")
+    if cfg.server_path is not None:
+        if cfg.server_path not in SERVER_PATHS:
+            raise UserError(f"--server-path must be one of {', '.join(SERVER_PATHS)}, got "
+                            f"{cfg.server_path!r}")
+        if not (cfg.remote and cfg.remote_backend == "local"):
+            raise UserError("--server-path goes with --remote --remote-backend local (on NDIF "
+                            "the API key decides: a key with the trusted tag runs in-process, "
+                            "any other in the sandbox)")
     check_cells_per_request(cfg.cells_per_request)
     if not cfg.max_request_mb > 0:
         raise UserError(f"--max-request-mb must be > 0, got {cfg.max_request_mb}")
     parse_duration(cfg.remote_timeout, "remote-timeout")
+    parse_duration(cfg.remote_silence, "remote-silence")
 
 
 def parse_duration(spec: str, name: str) -> float:

@@ -115,6 +115,7 @@ class Job:
         self.timings["total_s"] = time.time() - started
         if self.client is not None:
             self.manifest["remote"] = self.client.stats.to_dict()
+            self.client.close()
         self.manifest["history"].append({"started": self.manifest["started"], "finished": now(),
                                          "command": self.manifest["command"],
                                          "setting": self.manifest["setting"],
@@ -266,9 +267,12 @@ def _load(cfg: JobConfig):
             print("[af1] note: --device/--dtype do not apply to NDIF (it runs bfloat16 on its "
                   "own GPUs)", flush=True)
         check = preflight(cfg.model, cfg.revision, allow_version_drift=cfg.allow_version_drift,
+                          allow_nnsight_mismatch=cfg.allow_nnsight_mismatch,
                           dry_run=cfg.dry_run)
         for warning in check.warnings:
             print(f"[af1] warning: {warning}", flush=True)
+        for note in check.notes:
+            print(f"[af1] note: {note}", flush=True)
         return load_remote_model(cfg.model, revision=cfg.revision,
                                  attn_implementation=cfg.attn_implementation), check
     return load_model(cfg.model, dtype=cfg.dtype, device=cfg.device,

@@ -57,8 +57,11 @@ def collect_states(model, prompts: Sequence[str], offsets: np.ndarray, layers: S
 
     ``offsets`` counts from the end (left padding keeps the end aligned); ``h_L`` is the last
     layer's output before the final norm. ``backend_for(label)`` gives an nnsight backend per
-    trace (a remote client's, for NDIF); ``None`` runs locally.
+    trace (a remote client's, for NDIF); ``None`` runs locally. What a server returns is
+    checked (detached, on the CPU, float, ``(B, len(layers), D)``) before use.
     """
+    from ..executors.remote.received import received_tensor
+
     hidden = model.hf.config.get_text_config().hidden_size
     out = np.zeros((len(prompts), len(layers), hidden), dtype=np.float32)
     batches = model.encode_batches(list(prompts), batch_size)
@@ -66,8 +69,9 @@ def collect_states(model, prompts: Sequence[str], offsets: np.ndarray, layers: S
         columns = torch.as_tensor(enc["input_ids"].shape[1] + offsets[indices], dtype=torch.long)
         backend = backend_for(f"probe states, batch {n} of {len(batches)}") if backend_for \
             else None
-        out[indices] = _states_trace(model.lm, model.sites, backend, enc, columns,
-                                     list(layers)).numpy()
+        states = _states_trace(model.lm, model.sites, backend, enc, columns, list(layers))
+        out[indices] = received_tensor(states, "the probe's states",
+                                       (len(indices), len(layers), hidden), "float").numpy()
     return out
 
 

@@ -23,17 +23,32 @@ def start_remote(job: Job, first_run: TaskRun) -> None:
     from .config import parse_duration
 
     cfg = job.cfg
+    checked = job.preflight
+    if cfg.remote_backend == "local":
+        server_path = cfg.server_path or "sandbox"
+    else:
+        server_path = checked.server_path if checked is not None else None
     job.client = RemoteClient(job.model, cfg.remote_backend, ledger=job.out / "remote",
-                              blocking=not cfg.submit,
+                              server_path=server_path, blocking=not cfg.submit,
                               max_request_bytes=max_request_bytes(cfg),
                               overall_timeout_s=parse_duration(cfg.remote_timeout,
-                                                               "remote-timeout"))
-    server = job.preflight.server_transformers if job.preflight is not None else None
+                                                               "remote-timeout"),
+                              silence_s=parse_duration(cfg.remote_silence, "remote-silence"),
+                              on_demand=_on_demand(checked, job.model))
+    server = checked.server_transformers if checked is not None else None
     check = run_self_check(job.client, job.model, first_run.dataset["prompt"], server)
     job.client.stats.self_check = check.to_dict()
     job.manifest["remote"] = job.client.stats.to_dict()
     job.save_manifest()
     check.check()
+
+
+def _on_demand(checked, model):
+    """What to say if NDIF will not load a model it has not deployed (its family known from
+    the model's config); ``None`` for a deployed model."""
+    if checked is None or checked.on_demand is None:
+        return None
+    return checked.on_demand.of_type(model.identity.architecture)
 
 
 def max_request_bytes(cfg) -> int:
@@ -104,6 +119,7 @@ def submit(job: Job, main_runs: list[TaskRun], plans: list[AF1Plan]) -> None:
         items = run.items(cells)
         if items:
             jobs += run.executor.submit(items)
+    job.client.close()
     job.manifest.update(status="submitted", submitted_jobs=jobs,
                         remote=job.client.stats.to_dict())
     job.save_manifest()

@@ -17,17 +17,21 @@ saves. This package packs AF1's work into few, small requests:
   and downloads only the sums.
 * **Self-check on arrival** (``selfcheck.py``): one small request checks on the server that the
   masks and the CAMA write do what they should before a long job.
-* **Faults** (``faults.py``, ``client.py``): HTTP 413 splits a request, deterministic job errors
-  stop at once with one line, others are retried with backoff, expired result links are
-  resubmitted, an overall client time-out applies, and the ledger (``ledger.py``) keeps
-  finished results and job ids so a rerun (also after Ctrl-C) resumes.
+* **Faults** (``faults.py``, ``client.py``): HTTP 413 and NDIF's execution time-out split a
+  request, deterministic job errors stop at once with one line (a model NDIF will not load on
+  demand names its family's hosted models), others are retried with jittered backoff (longer
+  for 503), a silent websocket or a job NDIF no longer knows is given up and resubmitted, as are
+  expired result links, an overall client time-out applies, and the ledger (``ledger.py``) keeps
+  finished results and job ids so a rerun (also after Ctrl-C) resumes. Whatever comes back is
+  checked before use (``received.py``: detached, on the CPU, dtype and shape).
 * **Accounting.** Bytes up and down per request, in :class:`~.client.RemoteStats`, for the
   manifest.
 
 ``backend="local"`` runs every request through the same client path, but the server is this
-process running NDIF's own request execution (the ``ndif`` package, when installed; a stand-in
-otherwise) with this package unimportable, as on NDIF. This is the offline test of everything
-here. Before anything is sent, ``preflight.py`` checks the key, versions and the hosted model;
+machine running NDIF's own code (``ndif_server.py``; the ``ndif`` package, when installed, a
+stand-in otherwise) with this package unimportable, as on NDIF: by default the path an ordinary
+key takes there, NDIF's sandbox (the block in a runner process, the forward pass here), or the
+trusted in-process path. This is the offline test of everything here. Before anything is sent, ``preflight.py`` checks the key, versions and the hosted model;
 ``dryrun.py`` plans a job's requests without sending them; ``audit.py`` lists what a request
 makes the server import.
 """

@@ -177,7 +177,7 @@ def plan_remote_job(model, tasks: Sequence[PlannedTask], batch_size: int = 32,
         backend = _Capture("self-check", max_request_bytes)
         send_self_check(model, self_check_prompts, backend)
         add("selfcheck", "-", 0, 4, backend,
-            _result_bytes(**{name: ((), torch.float32) for name, _, _ in SELF_CHECKS}))
+            _result_bytes(**{name: ((), torch.float32) for name, *_ in SELF_CHECKS}))
     for task in tasks:
         encoded = model.encode_batches(list(task.prompts), batch_size)
         encodings = [enc for _, enc in encoded]

@@ -5,7 +5,7 @@
   two kinds of request from it with the steps in ``steps.py``.
 * :class:`RemoteExecutor` packs ``cells_per_request`` configurations x every prompt batch into
   one session request, uploads each CAMA layer a request needs once, and splits a request in
-  halves until it fits the byte budget (:func:`split_to_fit`).
+  halves until it fits the byte budget and NDIF's execution time-out (:func:`split_to_fit`).
 * :func:`load_remote_model` gives an :class:`AF1Model` without weights (config and tokenizer
   only) for models NDIF hosts.
 """
@@ -26,10 +26,10 @@ from ... import nnsight_internals as internals
 from ...errors import UserError
 from ...mechanisms.plan import AF1Plan, Intervention, as_intervention
 from ...mechanisms.traced import CamaLayer
-from ...nnsight_internals import RemoteError
 from ..base import Predictions
-from .client import (DEFAULT_CELLS_PER_REQUEST, DEFAULT_MAX_RETRIES, RemoteClient,
-                     RemoteRunError, RemoteStats, RequestTooLarge)
+from .client import DEFAULT_CELLS_PER_REQUEST, DEFAULT_MAX_RETRIES, RemoteClient, RemoteStats
+from .faults import RemoteRunError, SplitRequest
+from .received import received_tensor
 from .steps import (cell_traces, predictions_finish, predictions_step, residual_sums_step,
                     sum_traces)
 
@@ -98,23 +98,22 @@ def range_label(noun: str, start: int, n: int, total: int) -> str:
 def split_to_fit(items: Sequence, send: Callable[[Sequence, int], Any], what: str
                  ) -> Iterator[tuple[Sequence, Any]]:
     """``send(part, start)`` for consecutive parts covering ``items`` in order: all of them at
-    once, or, for a part whose request is too large (:class:`RequestTooLarge`), its two halves
-    in turn. Yields ``(part, send's result)``; ``start`` is the part's offset in ``items``.
+    once, or, for a part whose request must be split (:class:`~.faults.SplitRequest`: over the
+    byte budget or refused with HTTP 413, or past NDIF's execution time-out), its two halves in
+    turn, recursively. Yields ``(part, send's result)``; ``start`` is the part's offset in
+    ``items``.
 
-    A single item too large is an error (``what`` names the items, e.g. ``"configuration"``).
+    A single item that must still be split is an error (``what`` names the items, e.g.
+    ``"configuration"``).
     """
     pending = [(0, list(items))]
     while pending:
         start, part = pending.pop(0)
         try:
             result = send(part, start)
-        except RequestTooLarge as error:
+        except SplitRequest as error:
             if len(part) == 1:
-                limit = "NDIF refused it (HTTP 413):" if error.by_server else \
-                    f"the request budget is {error.budget} bytes: raise --max-request-mb or"
-                raise RemoteRunError(f"request {error.label} is {error.size} bytes before "
-                                     f"compression with a single {what}, and {limit} lower "
-                                     "--batch-size") from None
+                raise RemoteRunError(error.single_item_error(what)) from None
             half = (len(part) + 1) // 2
             pending[:0] = [(start, part[:half]), (start + half, part[half:])]
             continue
@@ -208,7 +207,8 @@ class _RemoteCamaRunner:
             for _, result in split_to_fit(batches[first:first + size],
                                           lambda part, start: send(part, first + start),
                                           "batch"):
-                total += result["residual_sums"].double()
+                total += received_tensor(result["residual_sums"], "CAMA sums",
+                                         tuple(total.shape), "float").double()
                 if "pred_ids" in result:
                     predictions.append((result["pred_ids"], result["answer_logits"]))
         if self.on_predictions is not None and predictions:
@@ -398,9 +398,9 @@ class RemoteExecutor:
     def _assemble(self, pred_ids: torch.Tensor, answer_logits: torch.Tensor, n_cells: int
                   ) -> list[Predictions]:
         """Split cell-major, batch-ordered saves into per-cell :class:`Predictions`."""
-        if len(pred_ids) != n_cells * self.n_prompts or len(answer_logits) != len(pred_ids):
-            raise RemoteError(f"the server returned {len(pred_ids)} predictions for "
-                              f"{n_cells} cells x {self.n_prompts} prompts")
+        n = n_cells * self.n_prompts
+        pred_ids = received_tensor(pred_ids, "predictions", (n,), "int")
+        answer_logits = received_tensor(answer_logits, "answer logits", (n,), "float")
         pred_ids = pred_ids.long().numpy()
         answer_logits = answer_logits.float().numpy()
         out, pos = [], 0

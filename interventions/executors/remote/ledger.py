@@ -20,11 +20,12 @@ class RequestLedger:
     """Results and job ids of remote requests, kept on disk so that a rerun resumes.
 
     ``<directory>/requests.json`` maps a request key to its job id, state (``submitted``,
-    ``done``, or ``expired``: its result could no longer be downloaded, so it is submitted
-    again), encoding and ``expired_jobs`` (earlier job ids of the same request whose results
-    expired); ``<directory>/<key>.result`` holds a finished result blob as received. Keys describe
-    the request's content (model, inputs, configurations, tables), so the same work maps to the
-    same key in a new process.
+    ``done``, ``expired``: its result could no longer be downloaded, or ``lost``: NDIF no
+    longer knew the job, or its websocket went silent and NDIF did not know it; either way the
+    request is submitted again), encoding, ``expired_jobs`` and ``lost_jobs`` (earlier job ids of
+    the same request); ``<directory>/<key>.result`` holds a finished result blob as received.
+    Keys describe the request's content (model, inputs, configurations, tables), so the same work
+    maps to the same key in a new process.
     """
 
     def __init__(self, directory: str | os.PathLike):
@@ -53,9 +54,10 @@ class RequestLedger:
         self._write(self.index_path, json.dumps(self.index, indent=1, sort_keys=True).encode())
 
     def _history(self, key: str) -> dict:
-        """What an entry keeps across states: the jobs whose results expired."""
-        expired = self.index.get(key, {}).get("expired_jobs")
-        return {"expired_jobs": expired} if expired else {}
+        """What an entry keeps across states: the jobs whose results expired or that were
+        given up."""
+        entry = self.index.get(key, {})
+        return {name: entry[name] for name in ("expired_jobs", "lost_jobs") if entry.get(name)}
 
     def result(self, key: str) -> tuple[bytes, bool] | None:
         """``(content, compress)`` of a finished request, or ``None``."""
@@ -78,11 +80,19 @@ class RequestLedger:
     def expired(self, key: str) -> None:
         """The submitted job's result can no longer be downloaded: keep its id in the entry's
         ``expired_jobs`` and let the request be submitted again."""
+        self._retire(key, "expired")
+
+    def lost(self, key: str) -> None:
+        """NDIF no longer knows the submitted job: keep its id in the entry's ``lost_jobs``
+        and let the request be submitted again."""
+        self._retire(key, "lost")
+
+    def _retire(self, key: str, state: str) -> None:
         entry = self.index.get(key)
         if entry is None:
             return
-        entry["expired_jobs"] = entry.get("expired_jobs", []) + [entry.get("job_id")]
-        entry["state"] = "expired"
+        entry[f"{state}_jobs"] = entry.get(f"{state}_jobs", []) + [entry.get("job_id")]
+        entry["state"] = state
         self._save()
 
     def forget(self, key: str) -> None:

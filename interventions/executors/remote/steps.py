@@ -97,6 +97,13 @@ def predictions_finish(state):
 # -- the self-check on arrival ---------------------------------------------------------------------
 
 
+def relative_difference(a, b):
+    """``max |a - b|`` over each row's last dimension, relative to that row's ``max |b|``, the
+    largest over rows: a float32 scalar on the CPU (0 for equal tensors; ``b`` the clean one)."""
+    scale = b.abs().amax(-1).float().clamp(min=torch.finfo(torch.float32).tiny)
+    return ((a - b).abs().amax(-1).float() / scale).max().cpu()
+
+
 def self_check_step(sites, state, extra):
     """One trace of the self-check (``selfcheck.py``); ``extra``: ``(kind, intervention, cama)``.
 
@@ -104,7 +111,8 @@ def self_check_step(sites, state, extra):
     logits; ``"write"`` compares ``h_0 .. h_w`` before the CAMA write with the clean ones, writes
     ``h_w`` and compares what layer ``w`` then receives with what it should: the CAMA row of each
     non-sink real token (``state["expected_rows"]`` ``(B, T)``, ``-1`` elsewhere), the clean
-    state elsewhere. Any other kind applies its intervention and keeps the logits.
+    state elsewhere. Any other kind applies its intervention and keeps the logits. Differences
+    are relative to the clean row's largest value (:func:`relative_difference`).
     """
     kind, intervention, cama = extra
     layer = state["write_layer"]
@@ -113,8 +121,8 @@ def self_check_step(sites, state, extra):
     elif kind == "write":
         input_ids, real, positions = read_prompt(sites)
         before = [sites.layers[k].inputs[0][0] for k in range(layer + 1)]
-        state["before_write"] = torch.stack([(b - c).abs().max().float().cpu()
-                                             for b, c in zip(before, state["clean_states"])]).max()
+        state["before_write"] = torch.stack([relative_difference(b, c) for b, c in
+                                             zip(before, state["clean_states"])]).max()
         apply_rules(sites, {}, layer, wait_replacement(intervention, cama, input_ids, real,
                                                        positions), real)
         written = sites.layers[layer].inputs[0][0]
@@ -123,23 +131,22 @@ def self_check_step(sites, state, extra):
         replaced = (rows >= 0)[..., None]
         means = cama.means.to(written.device, written.dtype)
         expected = torch.where(replaced, means[rows.clamp(min=0)], clean)
-        state["write_error"] = (written - expected).abs().max().float().cpu()
-        state["write_change"] = torch.where(replaced, (written - clean).abs(),
-                                            torch.zeros_like(clean)).max().float().cpu()
+        state["write_error"] = relative_difference(written, expected)
+        state["write_change"] = relative_difference(torch.where(replaced, written, clean), clean)
     else:
         apply_intervention(sites, intervention, cama)
     state["logits"][kind] = sites.root.output.logits[:, -1].clone()
 
 
 def self_check_finish(state):
-    """The saved result: maximal absolute differences, float32 scalars. ``all_allowed`` and
-    ``sink_self``: logits against the clean ones; ``before_write``: ``h_0 .. h_w`` against the
-    clean ones; ``write_error``: the written ``h_w`` against what it should be; ``write_change``:
-    the written ``h_w`` against the clean one at the replaced positions."""
+    """The saved result: float32 scalars, relative differences (:func:`relative_difference`).
+    ``all_allowed`` and ``sink_self``: logits against the clean ones; ``before_write``:
+    ``h_0 .. h_w`` against the clean ones; ``write_error``: the written ``h_w`` against what it
+    should be; ``write_change``: the written ``h_w`` against the clean one at the replaced
+    positions."""
     clean = state["logits"]["clean"]
-    all_allowed = (state["logits"]["all_allowed"] - clean).abs().max().float().cpu()
-    sink_self = (state["logits"]["sink_self"] - clean).abs().max().float().cpu()
-    return save({"all_allowed": all_allowed, "sink_self": sink_self,
+    return save({"all_allowed": relative_difference(state["logits"]["all_allowed"], clean),
+                 "sink_self": relative_difference(state["logits"]["sink_self"], clean),
                  "before_write": state["before_write"], "write_error": state["write_error"],
                  "write_change": state["write_change"]})
 

@@ -6,9 +6,10 @@ collects a submitted job. ``content`` is the result blob as received (see :func:
 A job that failed on the server raises ``RemoteError`` with NDIF's message.
 
 * :class:`NdifTransport`: NDIF, through nnsight's own remote backend.
-* :class:`LocalTransport`: this process plays the server (the offline test of the remote path):
-  each request runs through NDIF's own request execution (the ``ndif`` package), with this
-  project unimportable, as on NDIF. Without that package a stand-in does the same.
+* :class:`LocalTransport`: this machine plays the server (the offline test of the remote path):
+  each request runs through NDIF's own code (the ``ndif`` package, :mod:`.ndif_server`), by
+  default on the path an ordinary key takes (its sandbox), with this project unimportable, as on
+  NDIF. Without that package a stand-in runs them in-process.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import concurrent.futures
 import importlib.metadata
 import io
+import os
 import traceback
 import uuid
 import warnings
@@ -24,17 +26,18 @@ import torch
 from nnsight.schema.config import CONFIG
 
 from ... import nnsight_internals as internals
+from ...errors import UserError
 from ...nnsight_internals import RemoteError
-from .faults import PAYLOAD_UNREADABLE, ResultExpired
-
-NDIF_INSTALL = "pip install --no-deps --ignore-requires-python ndif==0.1.2"
+from .faults import PAYLOAD_UNREADABLE, JobUnknown, ResultExpired
+from .ndif_server import NDIF_INSTALL
 
 # -- results as NDIF sends them -----------------------------------------------------------------
 
 
 def encode_result(result: dict, compress: bool) -> bytes:
     """The saved values as the stand-in server sends them: ``torch.save`` bytes, zstd when
-    ``compress`` (NDIF's own encoding, :func:`ndif_server`, differs only in bookkeeping)."""
+    ``compress`` (NDIF's own encoding, :class:`.ndif_server.ModelActor`, differs only in
+    bookkeeping)."""
     buffer = io.BytesIO()
     torch.save(result, buffer, pickle_protocol=4)
     content = buffer.getvalue()
@@ -56,66 +59,23 @@ def decode_result(content: bytes, compress: bool) -> dict:
 
 # -- the server side ----------------------------------------------------------------------------
 
-
-class NdifServerCode:
-    """NDIF's own request execution (``ndif`` 0.1.2, ``services/ray/deployments/modeling``):
-    what its model actor does with a request, minus the queue, metrics and object store."""
-
-    def __init__(self):
-        from ndif.common.errors import RequestError
-        from ndif.common.schema.request import BackendRequestModel
-        from ndif.services.ray.deployments.modeling.nns import (block_scope,
-                                                                execute_traced_block,
-                                                                prepare_traced_block)
-        from ndif.services.ray.deployments.modeling.util import cpu_pickle_module
-
-        self.version = package_version("ndif")
-        self.RequestError = RequestError
-        self.deserialize = BackendRequestModel.deserialize
-        self.block_scope = block_scope
-        self.prepare = prepare_traced_block
-        self.execute = execute_traced_block
-        self.pickle_module = cpu_pickle_module
-
-    def run(self, lm, blob: bytes, compress: bool, dtype: torch.dtype) -> bytes:
-        """Deserialize and run one request against ``lm``; the result blob as NDIF sends it
-        (``torch.save`` with NDIF's pickle module, zstd level 3 when ``compress``)."""
-        with self.block_scope():
-            internals.forget_sources()  # a server process has read none of the client's files
-            with internals.hide_project_modules():
-                tracer, _ = self.prepare(lm, blob, compress, deserialize=self.deserialize)
-                saved = self.execute(tracer, dtype)
-        buffer = io.BytesIO()
-        torch.save(saved, buffer, pickle_module=self.pickle_module())
-        content = buffer.getvalue()
-        if compress:
-            import zstandard
-
-            content = zstandard.ZstdCompressor(level=3).compress(content)
-        return content
-
-    def error_text(self, error: BaseException) -> str:
-        """The job's ERROR message as NDIF writes it: a rejection's sentence, else the
-        traceback."""
-        if isinstance(error, self.RequestError):
-            return str(error)
-        return _traceback_text(error)
+_NDIF: list = []  # whether NDIF's server package imports (looked up once)
 
 
-_NDIF: list = []  # NdifServerCode, or None when the package is missing (looked up once)
-
-
-def ndif_server() -> NdifServerCode | None:
-    """NDIF's request execution, or ``None`` (said once, in one line) when the ``ndif`` package
-    is not installed; the offline server then falls back to the project's stand-in."""
+def ndif_available() -> bool:
+    """Whether NDIF's server code (the ``ndif`` package) is importable; said once, in one line,
+    when it is not: the offline server then falls back to the project's stand-in, in-process."""
     if not _NDIF:
         try:
-            _NDIF.append(NdifServerCode())
+            import ndif.services.ray.deployments.modeling.nns  # noqa: F401
+            import ndif.services.ray.sandbox.driver  # noqa: F401
+
+            _NDIF.append(True)
         except ImportError as err:
-            _NDIF.append(None)
+            _NDIF.append(False)
             print(f"[af1 remote] NDIF's server code is not importable ({err}); the offline "
-                  f"server is the project's stand-in ({NDIF_INSTALL} to use NDIF's own)",
-                  flush=True)
+                  f"server is the project's stand-in, in-process ({NDIF_INSTALL} to use NDIF's "
+                  "own, and its sandbox)", flush=True)
     return _NDIF[0]
 
 
@@ -131,20 +91,10 @@ def _traceback_text(error: BaseException) -> str:
     return "".join(traceback.format_exception(type(error), error, error.__traceback__))
 
 
-def execute_request(lm, blob: bytes, compress: bool) -> bytes:
-    """Run a serialized request against ``lm`` as an NDIF worker does; the result blob.
-
-    With NDIF's code (:func:`ndif_server`) when installed, else the stand-in: nnsight's
-    ``RequestModel`` with the source caches confined to the request, and the block run as
-    NDIF's ``execute_traced_block`` runs it. Either way the project is unimportable meanwhile
-    (code not shipped by value fails here as it would on the server), and nothing is added
-    around the block (NDIF adds no ``no_grad``). Call it in a fresh thread: nnsight keeps its
-    save set and trace depth per thread, as a server process does.
-    """
-    server = ndif_server()
-    dtype = next(internals.wrapped_module(lm).parameters()).dtype
-    if server is not None:
-        return server.run(lm, blob, compress, dtype)
+def stand_in_request(lm, blob: bytes, compress: bool) -> bytes:
+    """Run a serialized request against ``lm`` without NDIF's package: nnsight's
+    ``RequestModel`` with the source caches confined to the request, the block run as NDIF's
+    ``execute_traced_block`` runs it, the project unimportable meanwhile."""
     with internals.isolated_source_cache():
         internals.forget_sources()
         with internals.hide_project_modules():
@@ -162,61 +112,97 @@ class _Unreadable(Exception):
     """The stand-in's rejection of a request it cannot deserialize, worded as NDIF's."""
 
 
-def server_error_text(error: BaseException) -> str:
-    """A server-side failure as NDIF reports it to the client (see :mod:`.faults`)."""
-    server = ndif_server()
-    if server is not None:
-        return server.error_text(error)
-    return str(error) if isinstance(error, _Unreadable) else _traceback_text(error)
+def local_checkpoint(lm) -> str | None:
+    """The checkpoint directory an nnsight model was loaded from, ``None`` for one built in
+    memory."""
+    repo_id = getattr(lm, "repo_id", None)
+    return repo_id if repo_id and os.path.isdir(repo_id) else None
 
 
 class LocalTransport:
-    """The server is this process: :func:`execute_request` on ``server_lm``, in a fresh thread.
-    A request that fails there raises ``RemoteError`` with the message NDIF would send.
+    """The server is this machine, running NDIF's own code (:mod:`.ndif_server`): by default
+    the path an ordinary key takes there (``server_path="sandbox"``: each request's block runs
+    in a fresh runner process against a weightless model, the forward pass here), or the
+    in-process path of a key with the ``trusted`` tag. Requests run in a fresh thread, as in
+    NDIF's actor; one that fails raises ``RemoteError`` with the message NDIF would send.
+    Without the ``ndif`` package the project's stand-in runs them in-process.
 
     Args:
-        server_lm: an nnsight ``TransformersModel`` with weights (the model NDIF would hold).
+        server_lm: the nnsight model with weights NDIF would hold (inference-only: its
+            parameters no longer require grad, as NDIF's actor leaves them).
+        server_path: ``"sandbox"`` or ``"trusted"``.
+        model_key: the key runners build their meta model from (``None``: a model built in
+            memory; the runner's module ids resolve to ``None``).
+        env: the per-request environment the client sends (applied before each request).
     """
 
     name = "local"
     host = None
 
-    def __init__(self, server_lm):
+    def __init__(self, server_lm, server_path: str = "sandbox", model_key: str | None = None,
+                 env: dict | None = None):
+        from .ndif_server import SERVER_PATHS
+
+        if server_path not in SERVER_PATHS:
+            raise UserError(f"the local server path must be one of {', '.join(SERVER_PATHS)}, "
+                            f"got {server_path!r}")
         self.server_lm = server_lm
+        self.env = env
+        self.model_key = model_key
         self._jobs: dict[str, bytes] = {}
+        self.actor = None
+        internals.wrapped_module(server_lm).requires_grad_(False)  # as NDIF's actor loads it
+        if ndif_available():
+            from .ndif_server import ModelActor
+
+            self.actor = ModelActor(server_lm, server_path, model_key)
+        self.server_path = server_path if self.actor is not None else "trusted"
 
     @classmethod
-    def for_model(cls, model) -> "LocalTransport":
-        """A local server for an :class:`AF1Model`: the model itself when it has weights, else
-        (a model from :func:`load_remote_model`) the same checkpoint loaded with weights."""
-        if next(model.hf.parameters()).device.type != "meta":
-            return cls(model.lm)
-        from nnsight.modeling.transformers import TransformersModel
-        from transformers import AutoTokenizer
-
+    def for_model(cls, model, server_path: str = "sandbox") -> "LocalTransport":
+        """A local server for an :class:`AF1Model`. A model loaded from a checkpoint directory
+        is loaded again from its model key, as NDIF's model actor loads it; a model built in
+        memory serves itself."""
         lm = model.lm
+        env = internals.request_env(lm)
+        checkpoint = local_checkpoint(lm)
+        if checkpoint is None or not ndif_available():
+            if next(model.hf.parameters()).device.type == "meta":
+                raise UserError("the local server needs the model's weights: load it from a "
+                                "checkpoint directory")
+            return cls(lm, server_path, None, env)
+        from .ndif_server import load_server_model
+
+        key = internals.model_key(lm)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            server = TransformersModel(
-                lm.repo_id, revision=lm.revision, task="text-generation",
-                tokenizer=AutoTokenizer.from_pretrained(lm.repo_id, revision=lm.revision),
-                dispatch=True, dtype=getattr(torch, model.identity.dtype),
-                attn_implementation=model.identity.attn_implementation)
-        internals.wrapped_module(server).requires_grad_(False)  # as NDIF does after loading
-        return cls(server)
+            server = load_server_model(key, getattr(torch, model.identity.dtype))
+        return cls(server, server_path, key, env)
 
     @property
     def server_code(self) -> str:
         """Which code executes requests here, for the manifest."""
-        server = ndif_server()
-        return f"ndif {server.version}" if server is not None else "stand-in"
+        return f"ndif {self.actor.version}" if self.actor is not None else "stand-in"
+
+    def _execute(self, blob: bytes, compress: bool) -> bytes:
+        if self.actor is not None:
+            return self.actor.run(blob, compress, self.env)
+        internals.apply_env(self.server_lm, self.env)
+        return stand_in_request(self.server_lm, blob, compress)
+
+    def _error_text(self, error: BaseException) -> str:
+        if self.actor is not None:
+            return self.actor.error_text(error)
+        return str(error) if isinstance(error, _Unreadable) else _traceback_text(error)
 
     def _run(self, blob: bytes, compress: bool) -> bytes:
+        # A fresh thread per request: nnsight keeps its save set and trace depth per thread,
+        # as a server process does (NDIF's actor runs each request on a worker thread).
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
             try:
-                return pool.submit(execute_request, self.server_lm, blob, compress).result()
+                return pool.submit(self._execute, blob, compress).result()
             except Exception as error:  # noqa: BLE001 - a job error, reported as NDIF does
-                raise RemoteError(server_error_text(error)) from error
+                raise RemoteError(self._error_text(error)) from error
 
     def send(self, blob: bytes, compress: bool) -> tuple[bytes, str | None]:
         return self._run(blob, compress), None
@@ -227,9 +213,16 @@ class LocalTransport:
         return job_id
 
     def poll(self, job_id: str, compress: bool) -> bytes | None:
+        """The result of a submitted job; :class:`JobUnknown` for an id this server never saw
+        (NDIF answers such a poll with HTTP 404)."""
         if job_id not in self._jobs:
-            raise RemoteError(f"job {job_id} is unknown to this local server")
+            raise JobUnknown(f"job {job_id} is unknown to this local server", known_lost=True)
         return self._jobs.pop(job_id)
+
+    def close(self) -> None:
+        """Stop the sandbox's warm runner, if any."""
+        if self.actor is not None:
+            self.actor.close()
 
 
 class NdifTransport:
@@ -240,34 +233,42 @@ class NdifTransport:
         lm: the nnsight model (usually meta, from :func:`load_remote_model`).
         host: NDIF URL (default: nnsight's config, ``NDIF_HOST``).
         api_key: default: nnsight's config (``NDIF_API_KEY`` or ``nnsight.login()``).
+        silence_s: the longest wait for a frame on the websocket before
+            :class:`~interventions.nnsight_internals.SilentConnection` (``None``: no bound).
+        server_path: the path the key takes there (``"sandbox"``, ``"trusted"``; from its tags,
+            see preflight), for the manifest.
     """
 
     name = "ndif"
 
-    def __init__(self, lm, host: str | None = None, api_key: str | None = None):
+    def __init__(self, lm, host: str | None = None, api_key: str | None = None,
+                 silence_s: float | None = None, server_path: str | None = None):
         self.lm = lm
         self.host = host or CONFIG.API.HOST
         self.api_key = api_key
+        self.silence_s = silence_s
+        self.server_path = server_path
         self._model_key: str | None = None
 
     @property
     def model_key(self) -> str:
         if self._model_key is None:
-            self._model_key = self.lm.to_model_key()
+            self._model_key = internals.model_key(self.lm)
         return self._model_key
 
     def _backend(self, blob: bytes, compress: bool, job_id: str | None = None,
                  blocking: bool = True) -> internals.BlobBackend:
-        backend = internals.BlobBackend(blob, self.model_key, host=self.host, api_key=self.api_key,
-                               env=internals.request_env(self.lm), blocking=blocking,
-                               job_id=job_id)
+        backend = internals.BlobBackend(blob, self.model_key, host=self.host,
+                                        api_key=self.api_key, env=internals.request_env(self.lm),
+                                        blocking=blocking, job_id=job_id,
+                                        silence_s=self.silence_s)
         backend.compress = compress  # the blob was serialized with this flag
         return backend
 
     def send(self, blob: bytes, compress: bool) -> tuple[bytes, str | None]:
         backend = self._backend(blob, compress)
         backend.request(internals.RequestModel(model_key=self.model_key, compress=compress,
-                                     env=backend.env), None)
+                                              env=backend.env), None)
         return backend.content, backend.job_id
 
     def submit(self, blob: bytes, compress: bool) -> str:
@@ -276,8 +277,9 @@ class NdifTransport:
         return backend.job_id
 
     def poll(self, job_id: str, compress: bool) -> bytes | None:
-        """The result of a submitted job, ``None`` while it runs. A finished job whose result
-        link no longer works (NDIF's links expire) raises :class:`ResultExpired`."""
+        """The result of a submitted job, ``None`` while it runs. A job NDIF has no record of
+        (HTTP 404 from its response route) raises :class:`JobUnknown`; a finished job whose
+        result link no longer works (NDIF's links expire) raises :class:`ResultExpired`."""
         import httpx
         from nnsight.schema.response import Status
 
@@ -290,4 +292,6 @@ class NdifTransport:
                 raise ResultExpired(f"the result of job {job_id} can no longer be downloaded "
                                     f"(HTTP {error.response.status_code})") from error
             raise
+        if backend.status is None:  # nnsight answers None for a 404: no status recorded
+            raise JobUnknown(f"NDIF has no record of job {job_id} (HTTP 404)")
         return backend.content
