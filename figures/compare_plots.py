@@ -12,7 +12,7 @@ from .plots import TRANSFER_COLORS, _faith, _interval
 from .style import RC, plt, save_figure
 
 DEPTH_LABEL = "relative depth (layer / L)"
-STAGE_COLORS = {"wait": "#bdbdbd", "transfer": "#d95f02", "compute": "#1b9e77"}
+STAGE_COLORS = {"wait": "#d9d9d9", "transfer": "#525252", "compute": "#9ecae1"}  # not model colours
 
 
 def colors(labels: Sequence[str]) -> dict[str, str]:
