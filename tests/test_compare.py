@@ -13,6 +13,8 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -274,3 +276,23 @@ def test_a_remote_dry_run_prints_each_plan_and_their_total(tiny_dirs, tmp_path, 
     assert numbers(total) == [sum(n) for n in zip(*map(numbers, plans))]
     assert numbers(total)[1] == 2 * 7  # 7 cells of the grid per model
     assert not (tmp_path / "o").exists()
+
+
+def test_the_comparison_needs_neither_torch_nor_transformers_nor_nnsight(runs, tmp_path):
+    gallery, other = runs
+    code = ("import sys\n"
+            "ABSENT = ('torch', 'transformers', 'nnsight')\n"
+            "class Absent:  # the first finder: an import of these fails as if not installed\n"
+            "    def find_spec(self, name, path=None, target=None):\n"
+            "        if name.split('.')[0] in ABSENT:\n"
+            "            raise ModuleNotFoundError(name)\n"
+            "sys.meta_path.insert(0, Absent())\n"
+            "from figures.__main__ import main\n"
+            f"code = main(['compare', {str(gallery)!r}, {str(other)!r}, '--out', "
+            f"{str(tmp_path / 'c')!r}])\n"
+            "assert not set(ABSENT) & set(sys.modules), 'imported'\n"
+            "sys.exit(code)\n")
+    result = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parents[1],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "c" / "compare.md").is_file()
