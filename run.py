@@ -45,12 +45,16 @@ def build_parser() -> argparse.ArgumentParser:
             "  python run.py --model ./my-llama-dir --template 'Q: {A} plus {B} is' --out runs/q\n"
             "  python run.py --tasks capitals,ioi --out runs/recall\n"
             "  python run.py --dataset my_task.jsonl --experiments sweep,necessity\n"
-            "  python run.py --model meta-llama/Meta-Llama-3-8B --remote"),
+            "  python run.py --model meta-llama/Meta-Llama-3-8B --remote\n"
+            "  python run.py --model smollm2,./my-llama-dir --out runs/cmp   # and a comparison\n"
+            "compare saved runs: python -m figures compare DIR [DIR ...] --out DIR"),
     )
     model = parser.add_argument_group("model")
     model.add_argument("--model", default="smollm2",
                        help="'smollm2' (embedded SmolLM2-135M-Instruct, default), a local Hugging "
-                            "Face directory, a .gguf file, or a Hub id")
+                            "Face directory, a .gguf file, or a Hub id; several, comma-separated: "
+                            "each runs the same job into --out/<model> (default runs/<model>), "
+                            "then the comparison goes to --out/compare/")
     model.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit)")
     model.add_argument("--device", default="auto",
                        help="cpu, cuda, cuda:N, or auto (all GPUs via device_map='auto', else "
@@ -212,6 +216,10 @@ def main(argv: list[str] | None = None) -> int:
             remote_silence=args.remote_silence, allow_version_drift=args.allow_version_drift,
             allow_nnsight_mismatch=args.allow_nnsight_mismatch,
             progress=not args.no_progress, argv=sys.argv if argv is None else ["run.py", *argv])
+        if "," in args.model:
+            from interventions.pipeline.multi import run_models
+
+            return run_models(cfg, args.model)
         out = run_job(cfg)
     except (UserError, PlanError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -1,5 +1,6 @@
 """``python -m figures RESULTS_DIR [--out DIR] [--setting FIELD=VALUE,...]``: rebuild every
-figure from saved results."""
+figure from saved results. ``python -m figures compare DIR [DIR ...] --out DIR``: compare runs
+(:mod:`figures.compare`)."""
 
 import argparse
 import sys
@@ -22,10 +23,16 @@ def parse_setting(spec: str | None) -> dict:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["compare"]:
+        from .compare import main as compare_main
+
+        return compare_main(argv[1:])
     parser = argparse.ArgumentParser(
         prog="python -m figures",
         description="Rebuild every AF1 figure (PNG, PDF, caption) and tables.md from a results "
-                    "directory written by run.py. Loads no model.")
+                    "directory written by run.py. Loads no model. 'python -m figures compare "
+                    "DIR [DIR ...] --out DIR' compares runs.")
     parser.add_argument("results_dir", help="a directory with results.jsonl and manifest.json")
     parser.add_argument("--out", default=None,
                         help="where to write (default RESULTS_DIR/figures)")

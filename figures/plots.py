@@ -4,6 +4,7 @@ interval (the rows' ``*_ci`` fields): bands on lines, error bars on bars, marks 
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -55,6 +56,12 @@ def faithfulness_grid(rows: Iterable[dict], value=_faith
     return waits, transfers, grid
 
 
+def _wrapped(text: str, inches: float, font_size: float) -> str:
+    """``text`` broken into lines that fit ``inches`` at ``font_size`` points (an average
+    character is about half the font size wide)."""
+    return "\n".join(textwrap.wrap(text, max(12, int(inches * 72 / (0.55 * font_size)))))
+
+
 def heatmap(rows: Sequence[dict], path: Path, title: str, caption: str,
             config: tuple[int, int] | None = None, threshold: float | None = None
             ) -> list[Path]:
@@ -62,9 +69,9 @@ def heatmap(rows: Sequence[dict], path: Path, title: str, caption: str,
     With ``threshold``: a hollow circle on cells whose 95% interval reaches it (upper end >=
     threshold), a filled one where the whole interval lies at or above it (lower end >=)."""
     waits, transfers, grid = faithfulness_grid(rows)
+    width, height = max(4.0, 0.22 * len(waits) + 1.8), max(2.6, 0.45 * len(transfers) + 1.4)
     with plt.rc_context(RC):
-        fig, ax = plt.subplots(figsize=(max(4.0, 0.22 * len(waits) + 1.8),
-                                        0.45 * len(transfers) + 1.4))
+        fig, ax = plt.subplots(figsize=(width, height))
         image = ax.imshow(np.ma.masked_invalid(grid), origin="lower", aspect="auto",
                           cmap=FAITHFULNESS_CMAP, vmin=0.0, vmax=1.0, interpolation="nearest")
         ax.set_xticks(range(len(waits)), [str(w) for w in waits], fontsize=7)
@@ -81,33 +88,38 @@ def heatmap(rows: Sequence[dict], path: Path, title: str, caption: str,
             ax.scatter(xs, ys, s=14, facecolors=np.where(filled, "black", "none"),
                        edgecolors="black", linewidths=0.8)
         ax.set_xlabel(L_WAIT_LABEL)
-        ax.set_ylabel(L_TRANSFER_LABEL)
-        ax.set_title(title)
+        # The axis label and title wrap to the axes, so neither runs past the figure's edge.
+        ax.set_ylabel(L_TRANSFER_LABEL.replace(" (", "\n("), fontsize=8)
+        ax.set_title(_wrapped(title, width - 0.8, RC["axes.titlesize"]), loc="left")
         fig.colorbar(image, ax=ax, label="faithfulness", fraction=0.04, pad=0.02)
         return save_figure(fig, path, caption)
 
 
 def faithfulness_lines(rows: Sequence[dict], path: Path, title: str, caption: str,
                        threshold: float | None = None) -> list[Path]:
-    """Faithfulness against L_wait, one line per L_transfer, each with its 95% interval as a
-    band."""
+    """Faithfulness against L_wait, one line per L_transfer, each point with its 95% interval
+    as an error bar. The bars of the lines sit side by side around each L_wait (bands of several
+    lines would merge where they overlap), and the legend stands beside the axes."""
     waits, transfers, grid = faithfulness_grid(rows)
     _, _, low = faithfulness_grid(rows, lambda r: _interval(r)[0])
     _, _, high = faithfulness_grid(rows, lambda r: _interval(r)[1])
+    step = 0.5 / max(1, len(transfers))  # the bars of one L_wait spread over half a layer
     with plt.rc_context(RC):
-        fig, ax = plt.subplots(figsize=(6.0, 3.0))
+        fig, ax = plt.subplots(figsize=(max(6.0, 0.2 * len(waits) + 1.5), 3.0))
         for i, t in enumerate(transfers):
             color = TRANSFER_COLORS[i % len(TRANSFER_COLORS)]
-            ax.plot(waits, grid[i], marker="o", ms=3, lw=1.2, color=color,
+            x = np.asarray(waits) + (i - (len(transfers) - 1) / 2) * step
+            ax.plot(x, grid[i], marker="o", ms=3, lw=1.2, color=color,
                     label=f"$L_{{transfer}}$={t}")
-            ax.fill_between(waits, low[i], high[i], color=color, alpha=0.15, lw=0)
+            ax.vlines(x, low[i], high[i], color=color, lw=0.9, alpha=0.55)
         if threshold is not None:
             ax.axhline(threshold, color="grey", ls="--", lw=0.8, label=f"threshold {threshold}")
         ax.set_ylim(-0.03, 1.03)
         ax.set_xlabel(L_WAIT_LABEL)
         ax.set_ylabel("faithfulness")
         ax.set_title(title)
-        ax.legend(ncol=3, frameon=False)
+        ax.legend(frameon=False, loc="upper left", bbox_to_anchor=(1.01, 1.0),
+                  title="95% intervals:\nvertical bars", title_fontsize=7)
         return save_figure(fig, path, caption)
 
 

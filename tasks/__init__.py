@@ -28,6 +28,7 @@ from .arithmetic import (
     build_task,
     default_operand_range,
     number_mode,
+    single_token_numbers,
     template_for,
 )
 from .families import FAMILIES, build_family
@@ -53,6 +54,7 @@ __all__ = [
     "load_task",
     "number_mode",
     "save_task",
+    "single_token_numbers",
     "task_fingerprint",
     "task_metadata",
     "template_for",

@@ -149,25 +149,52 @@ def _validate_template(template: Any, task: str) -> list[str]:
 # --------------------------------------------------------------------------------------------
 
 
-def number_mode(tokenizer: "PreTrainedTokenizerBase") -> str:
-    """``"multi"`` if every integer 0..999 is a single answer token for ``tokenizer``, else ``"digits"``.
+# The answer contexts in which a number must be one token to count as a single-token number.
+_NUMBER_CONTEXTS = ("Calculate: 1+1=", "The sum of 1 and 1 is ")
+NUMBER_MODES = ("multi", "partial", "digits")
+
+
+def single_token_numbers(tokenizer: "PreTrainedTokenizerBase") -> int:
+    """The largest ``n`` (at most 999) such that every integer ``0..n`` is a single answer token
+    for ``tokenizer``; ``-1`` when ``0`` is not.
 
     Checked with the answer-token rule (:mod:`tasks.tokens`) in two answer contexts: after
-    ``"Calculate: 1+1="`` and after ``"The sum of 1 and 1 is "``; both must hold for every number.
+    ``"Calculate: 1+1="`` and after ``"The sum of 1 and 1 is "`` (where a BPE tokenizer like
+    GPT-2's reads the space and the number as one token); a number counts only when both hold.
     """
-    contexts = ("Calculate: 1+1=", "The sum of 1 and 1 is ")
-    prompts = [c for c in contexts for _ in range(1000)]
-    answers = [str(n) for _ in contexts for n in range(1000)]
+    prompts = [c for c in _NUMBER_CONTEXTS for _ in range(1000)]
+    answers = [str(n) for _ in _NUMBER_CONTEXTS for n in range(1000)]
     check = check_answers(encoder(tokenizer), prompts, answers, max_answer_tokens=1)
-    return "multi" if check.ok.all() else "digits"
+    single = check.ok.reshape(len(_NUMBER_CONTEXTS), 1000).all(axis=0)
+    return 999 if single.all() else int(np.argmin(single)) - 1
+
+
+def number_mode(tokenizer: "PreTrainedTokenizerBase") -> str:
+    """How ``tokenizer`` writes numbers, from :func:`single_token_numbers`:
+
+    * ``"multi"``: every integer 0..999 is one token (Llama-3's tokenizer splits digit runs into
+      chunks of up to three, each in its vocabulary);
+    * ``"partial"``: every integer 0..99 is one token, but not every one up to 999 (BPE
+      vocabularies learnt on text, such as GPT-2's, which GPT-J uses, and GPT-NeoX's, which
+      Pythia uses: frequent numbers merge, others split irregularly);
+    * ``"digits"``: anything less (SmolLM2, Qwen2, Gemma and Mistral split numbers into digits).
+    """
+    limit = single_token_numbers(tokenizer)
+    return "multi" if limit >= 999 else "partial" if limit >= 99 else "digits"
 
 
 def default_operand_range(tokenizer: "PreTrainedTokenizerBase") -> tuple[int, int]:
-    """The spec's operand range for a tokenizer: (1, 99) in ``"multi"`` mode, (1, 9) in ``"digits"``.
+    """The spec's operand range for a tokenizer: (1, 99) where every number up to 99 is one token
+    (``"multi"`` and ``"partial"`` modes of :func:`number_mode`), else (1, 9).
 
-    The result side of the rule (single-token results) is enforced by :func:`build_task`'s filter.
+    The result side of the rule (single-token results) is enforced by :func:`build_task`'s filter:
+    in ``"partial"`` mode it drops the sums whose result splits, and the build says how many.
     """
-    return (1, 99) if number_mode(tokenizer) == "multi" else (1, 9)
+    return _mode_range(number_mode(tokenizer))
+
+
+def _mode_range(mode: str) -> tuple[int, int]:
+    return (1, 9) if mode == "digits" else (1, 99)
 
 
 # --------------------------------------------------------------------------------------------
@@ -338,6 +365,33 @@ def _select_sampled(encode: Encoder, template: str, slot_order: Sequence[str], o
     return _select_exact(encode, template, operands, results, n_prompts, seed, max_answer_tokens)
 
 
+def _how_it_splits(tokenizer: "PreTrainedTokenizerBase", template: str, operands: np.ndarray,
+                   result: int) -> str:
+    """Why a candidate fails the answer-token rule, for an error message: the tokens of its
+    prompt's end and of the prompt with its answer."""
+    (prompt,) = _format_prompts(template, operands[None, :])
+    tokens = [tokenizer.convert_ids_to_tokens(ids)[-4:] for ids in
+              tokenizer([prompt, prompt + str(result)], add_special_tokens=True)["input_ids"]]
+    return (f"e.g. the prompt {prompt!r} ends in the tokens {tokens[0]}, and with its answer "
+            f"{str(result)!r} in {tokens[1]}")
+
+
+def _refuse_unknown_answers(tokenizer: "PreTrainedTokenizerBase", template: str,
+                            operands: np.ndarray, results: np.ndarray,
+                            selection: _Selection) -> None:
+    """Refuse a data set in which an answer reads as the tokenizer's unknown token: it obeys
+    the answer-token rule, but every such answer is the same token, and scoring means nothing."""
+    unk = getattr(tokenizer, "unk_token_id", None)
+    bad = [i for i, ids in enumerate(selection.answer_ids) if unk is not None and unk in ids]
+    if bad:
+        row = selection.chosen[bad[0]]
+        (prompt,) = _format_prompts(template, operands[row][None, :])
+        raise ValueError(f"the tokenizer reads the answer {str(results[row])!r} of {prompt!r} as "
+                         f"its unknown token {tokenizer.unk_token!r} ({len(bad)} of "
+                         f"{len(selection.chosen)} prompts): its vocabulary cannot write this "
+                         f"task's numbers")
+
+
 def build_task(
     tokenizer: "PreTrainedTokenizerBase",
     task: str = "A+B",
@@ -405,9 +459,10 @@ def build_task(
                                   or n_prompts < 1):
         raise ValueError(f"n_prompts must be a positive integer or None, got {n_prompts!r}")
     range_given = operand_range is not None
-    lo, hi = _check_range(operand_range if range_given else default_operand_range(tokenizer))
+    mode = number_mode(tokenizer)
+    lo, hi = _check_range(operand_range if range_given else _mode_range(mode))
     if answer_tokens is None:
-        answer_tokens = "any" if range_given and number_mode(tokenizer) == "digits" else "single"
+        answer_tokens = "any" if range_given and mode == "digits" else "single"
     elif answer_tokens not in ANSWER_TOKENS:
         raise ValueError(f"answer_tokens must be one of {', '.join(ANSWER_TOKENS)}, got "
                          f"{answer_tokens!r}")
@@ -434,11 +489,13 @@ def build_task(
         selection = select(run_template)
     if selection.n_ok == 0:
         what = "is a single token" if answer_tokens == "single" else "tokenizes apart from it"
+        example = _how_it_splits(tokenizer, run_template, operands[0], results[0])
         raise ValueError(f"task {task} with template {template!r} has no prompt whose answer "
                          f"{what} for this tokenizer ({n_candidates} candidates with operands "
-                         f"in {lo}..{hi}, all dropped)")
+                         f"in {lo}..{hi}, all dropped; {example})")
     if prefix:
         check_bos_first(selection.prompt_ids, tokenizer)
+    _refuse_unknown_answers(tokenizer, run_template, operands, results, selection)
     bos_prepended = bool(prefix)
     chosen = selection.chosen
     final = _final_texts(run_template, operands[chosen], results[chosen], selection.moved)
@@ -459,6 +516,7 @@ def build_task(
         "operators": ops,
         "operand_range": [lo, hi],
         "operand_range_source": "given" if range_given else "default_operand_range",
+        "number_mode": mode,
         "n_prompts": None if n_prompts is None else int(n_prompts),
         "seed": int(seed),
         "n_candidates": int(n_candidates),

@@ -38,7 +38,10 @@ def encoder(tokenizer: "PreTrainedTokenizerBase") -> Encoder:
 
     probe = ["Calculate: 12+34=46", "The sum of 3 and 4 is 7"]
     reference = via_tokenizer(probe)  # also resets padding/truncation left by earlier calls
-    special = set(getattr(tokenizer, "all_special_ids", []) or [])
+    # Special tokens, less an unknown token that is not also EOS (text the vocabulary cannot
+    # write reads as it; build_task refuses such answers with that reason).
+    special = set(getattr(tokenizer, "all_special_ids", []) or []) - (
+        {getattr(tokenizer, "unk_token_id", None)} - {getattr(tokenizer, "eos_token_id", None)})
     if reference[0] and reference[0][-1] in special:
         raise ValueError("tokenizer appends a special token after the text (e.g. EOS); prompts "
                          "must end with their own last token for last-token scoring")

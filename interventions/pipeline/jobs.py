@@ -68,6 +68,7 @@ class Job:
                         "attn_implementation": model.identity.attn_implementation,
                         "backend": backend_name(cfg)}
         self.preflight = None  # NDIF's preflight result (--remote on NDIF)
+        self.remote_plan = None  # what --dry-run would send (a RemotePlan)
 
     def save_manifest(self) -> None:
         write_json_atomic(self.out / "manifest.json", self.manifest)
@@ -143,8 +144,9 @@ def _settings_on_record(log: ResultsLog) -> dict[str, int]:
     return counts
 
 
-def run_job(cfg: JobConfig) -> Path:
-    """Run the experiments described by ``cfg``; returns the output directory."""
+def run_job(cfg: JobConfig, report: dict | None = None) -> Path:
+    """Run the experiments described by ``cfg``; returns the output directory. With
+    ``--dry-run``, ``report`` (when given) receives the plan as ``report["remote_plan"]``."""
     import datasets
     import transformers
 
@@ -184,6 +186,8 @@ def run_job(cfg: JobConfig) -> Path:
     extra_runs, skipped = _experiment_tasks(cfg, model, job, experiments)
     if cfg.dry_run:
         print(dry_run(job, main_runs, extra_runs, plans, fixed_config))
+        if report is not None:
+            report["remote_plan"] = job.remote_plan
         return out
 
     # Every user-facing check is done: from here on the output directory is written.

@@ -58,7 +58,7 @@ def max_request_bytes(cfg) -> int:
 
 def dry_run(job: Job, main_runs, extra_runs, plans, fixed_config) -> str:
     """The remote requests the job would send, with their sizes and the preflight's outcome;
-    writes and sends nothing."""
+    writes and sends nothing. The plan (a ``RemotePlan``) is kept as ``job.remote_plan``."""
     from ..executors.remote.dryrun import PlannedTask, plan_remote_job
     from ..mechanisms.cama import cama_cache_path
     from .jobs import PROBE_TASK, evaluation_plan
@@ -92,6 +92,7 @@ def dry_run(job: Job, main_runs, extra_runs, plans, fixed_config) -> str:
                            cells_per_request=job.cfg.cells_per_request,
                            max_request_bytes=max_request_bytes(job.cfg),
                            self_check_prompts=main_runs[0].dataset["prompt"])
+    job.remote_plan = plan
     preflight = ("not needed (--remote-backend local: the server is this process)"
                  if job.preflight is None else job.preflight.summary)
     note = "" if fixed_config or not any(
