@@ -8,6 +8,7 @@ nnsight's private names. Every request kind through NDIF's sandbox: test_remote_
 import ast
 import copy
 import linecache
+import math
 import sys
 from pathlib import Path
 
@@ -333,7 +334,7 @@ def test_the_self_check_catches_a_mask_slot_the_layers_ignore(llama, data):
     check = run_self_check(client, model, data[0], server_transformers="9.9.9")
     failed = [c["check"] for c in check.compared if not c["passed"]]
     assert not check.passed and failed == ["sink_self"]
-    bound = f"{(N_LAYERS + 1) * torch.finfo(torch.float32).eps:.3g}"
+    bound = f"{3 * math.sqrt(N_LAYERS + 1) * torch.finfo(torch.float32).eps:.3g}"
     with pytest.raises(UserError, match=r"a sink-and-self mask at every layer changes the logits "
                                         r"does not hold \(sink_self = 0, relative to the clean "
                                         rf"magnitude; bound {bound} for float32, expected > "
@@ -403,17 +404,18 @@ def test_nnsights_private_names_are_used_only_in_nnsight_internals():
 
 
 def test_self_check_bounds_follow_the_dtype():
-    """``(n + 1) * eps``: a value at the bound passes, one just beyond fails; a change must
-    exceed the same bound."""
+    """``3 * sqrt(n + 1) * eps``: a value at the bound passes, one just beyond fails; a change
+    must exceed the same bound."""
     from interventions.executors.remote.selfcheck import judge, rounding_bound
 
     eps = 2.0 ** -7  # bfloat16
-    assert rounding_bound("bfloat16", 32) == 33 * eps
-    assert rounding_bound("float32", 4) == 5 * torch.finfo(torch.float32).eps
-    at = {"all_allowed": 33 * eps, "sink_self": 33 * eps * 1.01, "before_write": 17 * eps,
+    logits, states = 3 * math.sqrt(33) * eps, 3 * math.sqrt(17) * eps
+    assert rounding_bound("bfloat16", 32) == logits
+    assert rounding_bound("float32", 4) == 3 * math.sqrt(5) * torch.finfo(torch.float32).eps
+    at = {"all_allowed": logits, "sink_self": logits * 1.01, "before_write": states,
           "write_error": 0.0, "write_change": 1.0}
     assert all(c["passed"] for c in judge(at, "bfloat16", 32, 16))
-    beyond = {**at, "all_allowed": 33 * eps * 1.01, "sink_self": 33 * eps}
+    beyond = {**at, "all_allowed": logits * 1.01, "sink_self": logits}
     assert [c["check"] for c in judge(beyond, "bfloat16", 32, 16) if not c["passed"]] == \
         ["all_allowed", "sink_self"]
 
@@ -424,7 +426,7 @@ def test_a_bfloat16_self_check_passes_within_its_bound_and_fails_beyond(ulps, pa
     """A server whose forward passes differ as a GPU's may: every trace's logits moved by
     ``ulps`` units of bfloat16 rounding of their row's largest value, in turn up and down (the
     clean and the all-allowed trace then differ by twice that). One unit passes the bound of
-    ``(L + 1) * eps`` = 5 units; twelve fail, and the one line names the comparison, its value,
+    ``3 * sqrt(L + 1) * eps`` = 6.7 units; twelve fail, and the one line names the comparison, its value,
     the bound and the dtype."""
     from interventions.mechanisms.models import wrap_model
 
@@ -445,7 +447,7 @@ def test_a_bfloat16_self_check_passes_within_its_bound_and_fails_beyond(ulps, pa
     finally:
         handle.remove()
     values = {c["check"]: c for c in check.compared}
-    bound = (N_LAYERS + 1) * eps
+    bound = 3 * math.sqrt(N_LAYERS + 1) * eps
     assert values["all_allowed"]["bound"] == bound and check.dtype == "bfloat16"
     assert values["all_allowed"]["value"] > 0  # the passes differ, as on a GPU
     assert check.passed == passes

@@ -16,12 +16,14 @@ kernel) compares, on the server:
 "Equal" is within a bound that follows from the model's dtype, not exact: on a GPU two forward
 passes of the same input need not agree to the last bit (kernels may reduce in another order).
 Each difference is relative to the largest clean value of its row (a prompt's logits, a token's
-state), and a forward pass through ``n`` layers may differ by one unit in the last place of
-that magnitude per layer, embedding included: the bound is ``(n + 1) * eps(dtype)``
-(:func:`rounding_bound`; ``n = L`` for the logits, ``w`` for ``h_0 .. h_w``). Kernels
-accumulate in float32 and round each layer's output once to the model's dtype, so a different
-reduction order moves an output by at most that one unit. A change must exceed the same bound.
-On the CPU every equal comparison is exactly 0.
+state). Kernels accumulate in float32 and round each layer's output once to the model's
+dtype, so a different reduction order moves each layer's output by at most one unit in the last
+place of that magnitude; over ``n`` layers and the embedding such roundings, of independent
+signs, grow as ``sqrt(n + 1)`` (Higham and Mary, SIAM J. Sci. Comput. 41(5), 2019, with
+``lam = 3``): the bound is ``lam * sqrt(n + 1) * eps(dtype)`` (:func:`rounding_bound`; ``n = L``
+for the logits, ``w`` for ``h_0 .. h_w``), the model of the project's own float32 tolerances
+(tests/reference.py). A change must exceed the same bound. On the CPU every equal comparison
+is exactly 0.
 
 :func:`run_self_check` returns a :class:`SelfCheck` (``to_dict()`` is ``remote.self_check`` in
 the manifest); :meth:`SelfCheck.check` stops a failed one with one line naming the comparison,
@@ -30,6 +32,7 @@ its value, the bound, the dtype and the likely cause.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -45,6 +48,8 @@ from .steps import batch_traces, self_check_finish, self_check_step
 from .transport import package_version
 
 SELF_CHECK_PROMPTS = 2
+# The probabilistic rounding bound's confidence factor (module docstring).
+ROUNDING_LAMBDA = 3.0
 # What is compared, as (name, what it shows, must be equal (else: must change), through the
 # logits (else: through h_0..h_w)) in the order the result reports them.
 CHECKS = (
@@ -61,8 +66,8 @@ CHECKS = (
 def rounding_bound(dtype: str, n_layers: int) -> float:
     """How far, relative to the magnitude compared, two forward passes of the same input
     through ``n_layers`` layers in ``dtype`` may differ: one unit in the last place per layer,
-    embedding included, ``(n_layers + 1) * eps``."""
-    return (n_layers + 1) * torch.finfo(getattr(torch, dtype)).eps
+    embedding included, of independent signs: ``lam * sqrt(n_layers + 1) * eps``."""
+    return ROUNDING_LAMBDA * math.sqrt(n_layers + 1) * torch.finfo(getattr(torch, dtype)).eps
 
 
 def judge(values: dict, dtype: str, n_layers: int, write_layer: int) -> list[dict]:
