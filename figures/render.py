@@ -239,7 +239,7 @@ def render_all(results_dir: str | Path, out: str | Path | None = None,
                 boxed += (f" Hollow circle: the cell's 95% interval reaches "
                           f"{search['threshold']}; filled: the whole interval lies at or above "
                           "it.")
-            title_note = "\nred box " + _chosen_how(search, short=True)
+            title_note = "\nred box: " + _chosen_how(search, short=True)
         what, prefix = {"faithfulness": ("AF1 faithfulness", "heatmap"),
                         "prob_ratio": ("AF1 answer probability / full model's",
                                        "heatmap_prob_ratio"),
@@ -403,8 +403,9 @@ def _chosen_how(search: dict, short: bool = False) -> str:
                 "chosen and graded on the same prompts: in-sample (selected on these prompts)")
     grade = _share(held, "faithfulness")
     if short:
-        return (f"chosen on {held['n_select_prompts']} prompts, graded on "
-                f"{held['n_eval_prompts']} held-out: {grade}")
+        faith = "n/a" if held["faithfulness"] is None else f"{held['faithfulness']:.2f}"
+        return (f"chosen on {held['n_select_prompts']} prompts, held-out "
+                f"{held['n_af1_correct_of_full']}/{held['n_eval_prompts']} = {faith}")
     return (f"chosen on {held['n_select_prompts']} of the prompts the full model gets right, "
             f"graded on the other {held['n_eval_prompts']} (held out, --holdout "
             f"{held['fraction']}, seed {held['seed']}): faithfulness {grade}")
@@ -438,6 +439,8 @@ def _search_table(label: str, fingerprint: str, search: dict, sweep: list[dict],
                   f"ratio {_measure(search, 'answer_prob_ratio')}, KL(full || AF1) "
                   f"{_measure(search, 'kl_full_to_af1')} nats."]
     also = search.get("threshold_0.9")
+    if also and not also["differs"]:
+        lines += ["", "At threshold 0.9 the configuration is the same."]
     if also and also["differs"]:
         grade = (_share(also["holdout"], "faithfulness") + " held out" if also.get("holdout")
                  else _share(also, "faithfulness") + " in-sample")

@@ -343,6 +343,23 @@ def test_holdout_grades_on_prompts_that_did_not_choose(tiny_dir, own_task, tmp_p
     assert rerun["holdout"]["n_af1_correct_of_full"] == 0
 
 
+def test_holdout_with_too_few_right_prompts_is_in_sample_and_says_so(tiny_dir, own_task,
+                                                                      tmp_path, capsys):
+    rows = [json.loads(line) for line in own_task.read_text().splitlines()[:4]]
+    for row in rows[1:]:  # another answer than the full model's top choice: at most 1 right
+        row["answer"] = "#" if row["answer"] != "#" else "%"
+    path = tmp_path / "few.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "run"
+    code, stdout, err = run_cli(capsys, "--model", tiny_dir, "--dataset", path, *SMALL_GRID,
+                                "--holdout", "0.5", "--out", out)
+    assert code == 0, err
+    entry = json.loads((out / "af1_search.json").read_text())["few-dataset"]
+    assert entry["in_sample"] is True and entry["holdout"] is None
+    assert "--holdout needs at least 2 prompts" in entry["holdout_skipped"]
+    assert "[af1] warning: few-dataset: --holdout needs at least 2 prompts" in stdout
+
+
 def test_holdout_split_is_seeded_and_stratified():
     strata = np.array([0] * 10 + [1] * 7 + [2] * 1 + [3] * 2)
     full_ok = np.ones(20, bool)

@@ -348,12 +348,18 @@ def _search(job: Job, run: TaskRun) -> dict:
     rows = job.log.select(experiment="sweep", dataset_fingerprint=run.fingerprint, sink=True,
                           wait_ablation="cama", transfer_peek="last", **run.setting)
     outcomes = run.outcomes
-    split = None
+    split = skipped = None
     if cfg.holdout is not None:
-        split = holdout_split(outcomes.full.ok, run.prompt_strata(), cfg.holdout, cfg.seed)
+        try:
+            split = holdout_split(outcomes.full.ok, run.prompt_strata(), cfg.holdout, cfg.seed)
+        except UserError as err:  # too few right prompts in this task: say so, go on
+            skipped = f"{err}; chosen and graded in-sample"
+            print(f"[af1] warning: {run.name}: {skipped}", flush=True)
     result = {"task": run.task, "style": run.style, "dataset_fingerprint": run.fingerprint,
               "setting": run.setting,
               **search_task(rows, cfg.threshold, cfg.threshold_on, outcomes, split, cfg.seed)}
+    if skipped:
+        result["holdout_skipped"] = skipped
     job.searches[run.name] = result
     searches = {}
     path = job.out / "af1_search.json"
