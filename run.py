@@ -14,6 +14,7 @@ import sys
 
 def build_parser() -> argparse.ArgumentParser:
     from interventions.mechanisms.adapters import supported_architectures
+    from interventions.pipeline.experiments import DEFAULT_THRESHOLD
 
     parser = argparse.ArgumentParser(
         prog="run.py",
@@ -26,7 +27,9 @@ def build_parser() -> argparse.ArgumentParser:
             "every figure to --out; rerunning the same command resumes where it stopped.\n\n"
             "experiments (--experiments, comma list or all; default sweep):\n"
             "  sweep          faithfulness over the L_wait x L_transfer grid, and the AF1 search\n"
-            "                 (frontier per L_transfer, AF1 configuration at --threshold)\n"
+            "                 (frontier per L_transfer, AF1 configuration at --threshold, 0.85\n"
+            "                 by default: the paper's criterion; --holdout grades it on prompts\n"
+            "                 that did not choose it)\n"
             "  necessity      last token barred from non-sink tokens in one window of 1-4 layers\n"
             "  alternatives   CAMA vs zero / position mean / no wait; ABP vs all peek / no sink\n"
             "  styles         the six input styles x {A+B, A-B} at the AF1 configuration\n"
@@ -148,12 +151,23 @@ def build_parser() -> argparse.ArgumentParser:
     grid.add_argument("--experiments", default="sweep",
                       help="sweep, necessity, alternatives, styles, three_operand (comma list) "
                            "or all (default sweep)")
-    grid.add_argument("--threshold", type=float, default=0.9,
-                      help="faithfulness the AF1 search requires (default 0.9)")
+    grid.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
+                      help=f"faithfulness the AF1 search requires (default {DEFAULT_THRESHOLD}: "
+                           "the paper's "
+                           "criterion, the subgraph keeps at least 85%% of the full model's "
+                           "performance); the configuration at 0.9 is reported too where it "
+                           "differs")
     grid.add_argument("--threshold-on", default="point", choices=["point", "lower"],
                       help="what must reach --threshold: the cell's faithfulness (point, "
                            "default) or the lower end of its 95%% Wilson interval (lower: the "
                            "prompts rule out a faithfulness below the threshold)")
+    grid.add_argument("--holdout", type=float, default=None, metavar="FRACTION",
+                      help="hold out this share of the prompts the full model gets right "
+                           "(e.g. 0.5; drawn with --seed, stratified by template and token "
+                           "length): the AF1 configuration is chosen on the others and graded "
+                           "on these, so its faithfulness is not the best of many cells on "
+                           "its own prompts (default: chosen and graded on the same prompts, "
+                           "labelled in-sample)")
     grid.add_argument("--af1-config", default=None, metavar="L_WAIT,L_TRANSFER",
                       help="use this AF1 configuration for alternatives/styles/three_operand "
                            "instead of searching the sweep")
@@ -199,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
             tasks = [] if args.dataset else ["A+B"]
         cfg = JobConfig(
             model=args.model, experiments=args.experiments, threshold=args.threshold,
-            threshold_on=args.threshold_on,
+            threshold_on=args.threshold_on, holdout=args.holdout,
             af1_config=args.af1_config, executor=args.executor,
             tasks=tasks, dataset=args.dataset, prompt_column=args.prompt_column,
             answer_column=args.answer_column, split=args.split,

@@ -1,11 +1,13 @@
-"""``python -m figures RESULTS_DIR [--out DIR] [--setting FIELD=VALUE,...]``: rebuild every
-figure from saved results. ``python -m figures compare DIR [DIR ...] --out DIR``: compare runs
-(:mod:`figures.compare`)."""
+"""``python -m figures RESULTS_DIR [--out DIR] [--setting FIELD=VALUE,...] [--metric M]``:
+rebuild every figure from saved results. ``python -m figures compare DIR [DIR ...] --out DIR``:
+compare runs (:mod:`figures.compare`)."""
 
 import argparse
 import sys
 
-from .render import SettingNotFound, render_all
+from interventions.pipeline.scoring import PairingError
+
+from .render import METRICS, SettingNotFound, render_all
 
 
 def parse_setting(spec: str | None) -> dict:
@@ -41,10 +43,16 @@ def main(argv=None) -> int:
                              "backend, answer_scoring; e.g. dtype=bfloat16); fields not given "
                              "are the latest run's (manifest.json), and by default the whole "
                              "setting is")
+    parser.add_argument("--metric", default="faithfulness", choices=METRICS,
+                        help="what the heatmap shows: faithfulness (default; heatmap_<task>), "
+                             "prob_ratio (AF1's mean answer probability over the full "
+                             "model's) or kl (mean KL(full || AF1) in nats), both on the "
+                             "prompts the full model gets right (heatmap_<metric>_<task>)")
     args = parser.parse_args(argv)
     try:
-        written = render_all(args.results_dir, args.out, setting=parse_setting(args.setting))
-    except (FileNotFoundError, SettingNotFound) as err:
+        written = render_all(args.results_dir, args.out, setting=parse_setting(args.setting),
+                             metric=args.metric)
+    except (FileNotFoundError, SettingNotFound, PairingError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     for path in written:

@@ -62,25 +62,42 @@ def _wrapped(text: str, inches: float, font_size: float) -> str:
     return "\n".join(textwrap.wrap(text, max(12, int(inches * 72 / (0.55 * font_size)))))
 
 
+# What the heatmap can show (``--metric``): the row field, its colour-bar label, and whether
+# low values are good (the colour map is then reversed, so good cells look alike in every
+# metric).
+HEATMAP_METRICS = {"faithfulness": ("faithfulness", "faithfulness", False),
+                   "prob_ratio": ("answer_prob_ratio", "answer probability, AF1 / full", False),
+                   "kl": ("kl_full_to_af1", "KL(full || AF1), nats", True)}
+
+
 def heatmap(rows: Sequence[dict], path: Path, title: str, caption: str,
-            config: tuple[int, int] | None = None, threshold: float | None = None
-            ) -> list[Path]:
-    """Faithfulness over the grid (x: L_wait, y: L_transfer); the AF1 configuration boxed.
-    With ``threshold``: a hollow circle on cells whose 95% interval reaches it (upper end >=
+            config: tuple[int, int] | None = None, threshold: float | None = None,
+            metric: str = "faithfulness") -> list[Path]:
+    """A measure over the grid (x: L_wait, y: L_transfer); the AF1 configuration boxed.
+
+    ``metric`` (:data:`HEATMAP_METRICS`): faithfulness (0 to 1), the answer probability ratio
+    (0 to the larger of 1 and its largest value) or the KL divergence from the full model (0 to
+    its largest value, reversed colours); undefined cells are blank. With ``threshold``
+    (faithfulness only): a hollow circle on cells whose 95% interval reaches it (upper end >=
     threshold), a filled one where the whole interval lies at or above it (lower end >=)."""
-    waits, transfers, grid = faithfulness_grid(rows)
+    field, label, low_is_good = HEATMAP_METRICS[metric]
+    waits, transfers, grid = faithfulness_grid(
+        rows, lambda r: np.nan if r.get(field) is None else r[field])
+    top = float(np.nanmax(grid)) if np.isfinite(grid).any() else 1.0
+    vmax = 1.0 if metric == "faithfulness" else max(top, 1.0 if metric == "prob_ratio" else 1e-6)
+    cmap = FAITHFULNESS_CMAP + ("_r" if low_is_good else "")
     width, height = max(4.0, 0.22 * len(waits) + 1.8), max(2.6, 0.45 * len(transfers) + 1.4)
     with plt.rc_context(RC):
         fig, ax = plt.subplots(figsize=(width, height))
         image = ax.imshow(np.ma.masked_invalid(grid), origin="lower", aspect="auto",
-                          cmap=FAITHFULNESS_CMAP, vmin=0.0, vmax=1.0, interpolation="nearest")
+                          cmap=cmap, vmin=0.0, vmax=vmax, interpolation="nearest")
         ax.set_xticks(range(len(waits)), [str(w) for w in waits], fontsize=7)
         ax.set_yticks(range(len(transfers)), [str(t) for t in transfers])
         if config and config[0] in waits and config[1] in transfers:
             x, y = waits.index(config[0]), transfers.index(config[1])
             ax.add_patch(plt.Rectangle((x - 0.5, y - 0.5), 1, 1, fill=False, lw=1.8,
                                        edgecolor="red"))
-        if threshold is not None:
+        if threshold is not None and metric == "faithfulness":
             _, _, low = faithfulness_grid(rows, lambda r: _interval(r)[0])
             _, _, high = faithfulness_grid(rows, lambda r: _interval(r)[1])
             ys, xs = np.nonzero(high >= threshold)
@@ -91,7 +108,7 @@ def heatmap(rows: Sequence[dict], path: Path, title: str, caption: str,
         # The axis label and title wrap to the axes, so neither runs past the figure's edge.
         ax.set_ylabel(L_TRANSFER_LABEL.replace(" (", "\n("), fontsize=8)
         ax.set_title(_wrapped(title, width - 0.8, RC["axes.titlesize"]), loc="left")
-        fig.colorbar(image, ax=ax, label="faithfulness", fraction=0.04, pad=0.02)
+        fig.colorbar(image, ax=ax, label=label, fraction=0.04, pad=0.02)
         return save_figure(fig, path, caption)
 
 

@@ -232,8 +232,9 @@ def test_local_server_result_is_what_ndif_sends(llama, data):
     saves = decode_result(content, True)
     assert set(saves) == {"result"}  # the saves only, not the inputs or the state
     result = saves["result"]
-    assert set(result) == {"pred_ids", "answer_logits"}
+    assert set(result) == {"pred_ids", "answer_logits", "answer_logprobs"}
     assert result["pred_ids"].dtype == torch.int32 and result["pred_ids"].shape == (len(prompts),)
+    assert result["answer_logprobs"].dtype == torch.float32
     with pytest.raises(Exception):
         torch.load(io.BytesIO(content), weights_only=False)  # compressed on the wire
 

@@ -47,11 +47,16 @@ import torch
 
 from ..errors import UserError
 from ..mechanisms.plan import AF1Plan, Intervention, as_intervention
-from ..mechanisms.traced import CamaLayer, allowed_keys, mask_like, wait_replacement
+from ..mechanisms.traced import (CamaLayer, allowed_keys, logit_measures, mask_like,
+                                  wait_replacement)
 from .base import Predictions
 from .reference import NnsightExecutor
 
 UNRESTRICTED = ("all", "all")
+# Last-token rows per call of the head: each call holds a few ``(rows, V)`` float32 tensors
+# (logits, log-probabilities, the clean ones for the KL), 128 MB each at 256 rows of a
+# 128k vocabulary (Llama-3).
+HEAD_ROWS = 256
 
 
 class _KeyValueRecorder:
@@ -228,6 +233,12 @@ class FastExecutor:
         # Clean sink states, keys and values: row i of each is the token self._sink_tokens[i].
         self._sink_tokens: dict[int, int] = {}
         self._sink_states = self._sink_keys = self._sink_values = None
+        # The clean pass, and the reference of every cell's KL divergence: the clean
+        # last-position log-probabilities (n_right, V) of the prompts it gets right, and each
+        # prompt's row among them (N,) (-1: none kept).
+        self._clean: Predictions | None = None
+        self._reference_logprobs: torch.Tensor | None = None
+        self._reference_index: torch.Tensor | None = None
 
         lengths = model.token_lengths(prompts)
         self.windows = self.adapter.layer_windows(self.hf.config, self.n_layers)
@@ -253,10 +264,16 @@ class FastExecutor:
     # -- the executor interface ------------------------------------------------------------
 
     def clean(self) -> Predictions:
-        """Predictions of the unmodified model."""
+        """Predictions of the unmodified model (computed once; its last-position distributions
+        on the prompts it gets right are kept as the reference of every cell's KL)."""
         if self.fallback_reason:
             return self._reference.clean()
-        return self.run(Intervention({}))
+        if self._clean is None:
+            with torch.no_grad():
+                group = self._groups([(None, Intervention({}), None)])[0]
+                pred, answer, logprob, _ = self._evaluate(group, keep_reference=True)
+            self._clean = Predictions(pred[0], answer[0], logprob[0])
+        return self._clean
 
     def run(self, plan: AF1Plan | Intervention, cama: CamaLayer | None = None) -> Predictions:
         """Predictions under an AF1 plan or a general intervention (``cama``: the table layer
@@ -275,12 +292,15 @@ class FastExecutor:
         if self.fallback_reason:
             yield from self._reference.run_many(cells)
             return
-        for group in self._groups(cells):
+        groups = self._groups(cells)
+        self.clean()  # the reference of the KL divergence
+        for group in groups:
             with torch.no_grad():
-                pred, answer = self._evaluate(group)
+                pred, answer, logprob, kl = self._evaluate(group)
             for i, cell in enumerate(group.cells):
                 for tag in cell.tags:
-                    yield tag, Predictions(pred[i].copy(), answer[i].copy())
+                    yield tag, Predictions(pred[i].copy(), answer[i].copy(), logprob[i].copy(),
+                                           kl[i].copy())
 
     def last_logits(self, plan: AF1Plan | Intervention, cama: CamaLayer | None = None
                     ) -> torch.Tensor:
@@ -308,34 +328,61 @@ class FastExecutor:
             group.add(tag, intervention, self.n_layers)
         return groups
 
-    def _evaluate(self, group: _Group, keep_logits: bool = False):
+    def _evaluate(self, group: _Group, keep_logits: bool = False,
+                  keep_reference: bool = False):
         """Every cell of ``group`` on every prompt.
 
-        Returns ``(pred_ids, answer_logits)``, numpy ``(n_cells, N)`` each, or with
-        ``keep_logits`` the float32 logits ``(n_cells, N, V)`` as a one-tuple.
+        Returns ``(pred_ids, answer_logits, answer_logprobs, kl_from_clean)``, numpy
+        ``(n_cells, N)`` each (:class:`Predictions`; the KL against the kept clean pass, NaN
+        where there is none), or with ``keep_logits`` the float32 logits ``(n_cells, N, V)`` as
+        a one-tuple. ``keep_reference``: ``group`` is the clean pass; keep the log-probabilities
+        of the prompts it gets right as the reference of later cells' KL.
         """
         n_cells = len(group.cells)
         rows = _LastTokens([part for batch in self.batches
                             for part in self._all_positions(group, batch)])
         self._last_token_layers(rows)
-        if keep_logits:
-            logits = None
-        else:
-            pred = np.zeros((n_cells, self.n_prompts), dtype=np.int64)
-            answer = np.zeros((n_cells, self.n_prompts), dtype=np.float32)
-        for first in range(0, len(rows.hidden), self.rows_per_call):
-            chunk = slice(first, first + self.rows_per_call)
+        logits = None
+        pred = np.zeros((n_cells, self.n_prompts), dtype=np.int64)
+        answer = np.zeros((n_cells, self.n_prompts), dtype=np.float32)
+        logprob = np.zeros((n_cells, self.n_prompts), dtype=np.float32)
+        kl = np.full((n_cells, self.n_prompts), np.nan, dtype=np.float32)
+        kept = []
+        step = min(self.rows_per_call, HEAD_ROWS)
+        for first in range(0, len(rows.hidden), step):
+            chunk = slice(first, first + step)
             out = self.adapter.logits(self.hf, rows.hidden[chunk]).float()  # (r, V)
-            cells, prompts = rows.cells[chunk].numpy(), rows.prompts[chunk].numpy()
+            cells, prompts = rows.cells[chunk], rows.prompts[chunk]
             if keep_logits:
                 if logits is None:
                     logits = torch.zeros(n_cells, self.n_prompts, out.shape[-1])
                 logits[cells, prompts] = out.cpu()
                 continue
-            answers = self.answer_ids[prompts].to(out.device)
-            pred[cells, prompts] = out.argmax(-1).cpu().numpy()
-            answer[cells, prompts] = out.gather(-1, answers[:, None])[:, 0].cpu().numpy()
-        return (logits,) if keep_logits else (pred, answer)
+            answers = self.answer_ids[prompts]
+            reference, reference_rows = None, None
+            if not keep_reference:
+                index = self._reference_index[prompts]
+                reference_rows = (index >= 0).nonzero()[:, 0]
+                reference = self._reference_logprobs[index[reference_rows].to(self.device)]
+            ids, ans, lp, divergence = logit_measures(out, answers, reference, reference_rows)
+            cells, prompts = cells.numpy(), prompts.numpy()
+            pred[cells, prompts] = ids.cpu().numpy()
+            answer[cells, prompts] = ans.cpu().numpy()
+            logprob[cells, prompts] = lp.cpu().numpy()
+            if divergence is not None:
+                kl[cells, prompts] = divergence.cpu().numpy()
+            if keep_reference:
+                right = (ids.cpu() == answers).nonzero()[:, 0]
+                kept.append((prompts[right.numpy()],
+                             torch.log_softmax(out, -1)[right.to(out.device)]))
+        if keep_logits:
+            return (logits,)
+        if keep_reference:
+            self._reference_index = torch.full((self.n_prompts,), -1, dtype=torch.long)
+            self._reference_index[torch.as_tensor(np.concatenate([p for p, _ in kept]))] = \
+                torch.arange(sum(len(p) for p, _ in kept))
+            self._reference_logprobs = torch.cat([lp for _, lp in kept])
+        return pred, answer, logprob, kl
 
     def _all_positions(self, group: _Group, batch: _Batch) -> list[dict]:
         """Run the group's all-position layers on one batch; the last tokens where each cell

@@ -31,7 +31,22 @@ FORMAT = "af1-cama-v2"
 
 
 class CamaMismatch(UserError):
-    """A stored table was built for another model, data set or dtype."""
+    """A stored table was built for another model, data set, dtype, attention implementation or
+    grouping of the prompts."""
+
+
+def groups_digest(groups: Sequence[int] | None) -> str:
+    """What a table's grouping of the prompts is recorded and cached as: ``"one"`` when every
+    prompt is in group 0 (``groups`` ``None``), else 16 hex digits of the sha256 of the
+    groups as little-endian int64."""
+    if groups is None:
+        return "one"
+    import hashlib
+
+    import numpy as np
+
+    data = np.asarray(groups, dtype="<i8").tobytes()
+    return hashlib.sha256(data).hexdigest()[:16]
 
 
 class CamaTable:
@@ -114,16 +129,34 @@ class CamaTable:
         """Keys and prompts behind them: see :func:`key_statistics`."""
         return key_statistics(self.keys, self.counts)
 
+    @property
+    def groups(self) -> str | None:
+        """The grouping it was built with (:func:`groups_digest`); a table that predates the
+        record is ``"one"`` when its keys hold group 0 only, else unknown (``None``)."""
+        if "groups" in self.metadata:
+            return self.metadata["groups"]
+        return "one" if not bool((self.keys[:, KEY_GROUP] != 0).any()) else None
+
     def check(self, model_fingerprint: str | None = None, dataset_fingerprint: str | None = None,
-              dtype: str | None = None, layers: Sequence[int] | None = None) -> "CamaTable":
-        """Refuse (:class:`CamaMismatch`) a table built for another model, data set or dtype."""
-        expected = {"model_fingerprint": model_fingerprint,
-                    "dataset_fingerprint": dataset_fingerprint, "dtype": dtype}
-        for field, want in expected.items():
+              dtype: str | None = None, layers: Sequence[int] | None = None,
+              attn_implementation: str | None = None, groups: str | None = None
+              ) -> "CamaTable":
+        """Refuse (:class:`CamaMismatch`) a table built for another model (weights), data set,
+        dtype, attention implementation or grouping (``groups``: :func:`groups_digest`), or
+        lacking ``layers``; arguments left ``None`` are not compared."""
+        expected = {"model": ("model_fingerprint", model_fingerprint),
+                    "dataset": ("dataset_fingerprint", dataset_fingerprint),
+                    "dtype": ("dtype", dtype),
+                    "attention implementation": ("attn_implementation", attn_implementation)}
+        for what, (field, want) in expected.items():
             have = self.metadata.get(field)
             if want is not None and have != want:
-                raise CamaMismatch(f"CAMA table was built for {field.split('_')[0]} {have!r}, "
-                                   f"not {want!r}; rebuild it (or drop --cama-table)")
+                raise CamaMismatch(f"CAMA table was built for {what} {have!r}, not {want!r}; "
+                                   f"rebuild it (or drop --cama-table)")
+        if groups is not None and self.groups != groups:
+            raise CamaMismatch(f"CAMA table was built with prompt groups {self.groups!r}, not "
+                               f"{groups!r} (templates of the data set); rebuild it (or drop "
+                               f"--cama-table)")
         missing = sorted(set(layers or ()) - set(self.layers))
         if missing:
             raise CamaMismatch(f"CAMA table lacks layers {missing}; rebuild it with them")
@@ -317,6 +350,7 @@ def build_cama_table(model, prompts: Sequence[str], dataset_fingerprint: str,
         "dataset_fingerprint": dataset_fingerprint,
         "dtype": model.identity.dtype,
         "attn_implementation": model.identity.attn_implementation,
+        "groups": groups_digest(None if groups is None else groups.tolist()),
         "layers": json.dumps(layers),
         "n_prompts": str(len(prompts)),
         "batch_size": str(batch_size),
@@ -328,14 +362,17 @@ def build_cama_table(model, prompts: Sequence[str], dataset_fingerprint: str,
 
 
 def cama_cache_path(model, dataset_fingerprint: str, root: Path,
-                    layers: Sequence[int] | None = None) -> Path:
-    """Cache location of the table for (model weights, data set, dtype), and for a subset of
-    layers when ``layers`` is given (the full table's path otherwise)."""
+                    layers: Sequence[int] | None = None,
+                    groups: Sequence[int] | None = None) -> Path:
+    """Cache location of the table for (model weights, data set, dtype, attention
+    implementation, grouping of the prompts), and for a subset of layers when ``layers`` is
+    given (the full table's path otherwise): everything the means depend on."""
     import hashlib
 
     model_key = hashlib.sha256(model.identity.fingerprint.encode()).hexdigest()[:16]
     # The format is part of the name: a table of an older key layout is never found.
-    name = f"{model_key}-{dataset_fingerprint}-{model.identity.dtype}-{FORMAT}"
+    name = (f"{model_key}-{dataset_fingerprint}-{model.identity.dtype}-"
+            f"{model.identity.attn_implementation}-groups-{groups_digest(groups)}-{FORMAT}")
     if layers is not None:
         subset = json.dumps(sorted({int(k) for k in layers}))
         name += f"-layers-{hashlib.sha256(subset.encode()).hexdigest()[:12]}"
@@ -346,9 +383,8 @@ def cached_cama_table(model, prompts: Sequence[str], dataset_fingerprint: str, r
                       batch_size: int = 32, progress: bool = True, runner=None,
                       layers: Sequence[int] | None = None,
                       groups: Sequence[int] | None = None) -> tuple[CamaTable, Path, bool]:
-    """Load the cached table for (model, data set, dtype) or build and cache it (``runner``,
-    ``groups``: see :func:`build_cama_table`; the groups follow from the data set, so its
-    fingerprint keys them too).
+    """Load the cached table for (model weights, data set, dtype, attention implementation,
+    groups) or build and cache it (``runner``, ``groups``: see :func:`build_cama_table`).
 
     ``layers`` builds only those layers (a remote build downloads every layer it builds, so a
     job that needs one layer should not fetch all of them); a cached full table serves any
@@ -356,13 +392,14 @@ def cached_cama_table(model, prompts: Sequence[str], dataset_fingerprint: str, r
 
     Returns ``(table, path, was_cached)``.
     """
-    full = cama_cache_path(model, dataset_fingerprint, root)
+    full = cama_cache_path(model, dataset_fingerprint, root, groups=groups)
     candidates = [full] if layers is None else [full, cama_cache_path(
-        model, dataset_fingerprint, root, layers)]
+        model, dataset_fingerprint, root, layers, groups)]
     for path in candidates:
         if path.is_file():
-            table = CamaTable.load(path).check(model.identity.fingerprint, dataset_fingerprint,
-                                               model.identity.dtype, layers)
+            table = CamaTable.load(path).check(
+                model.identity.fingerprint, dataset_fingerprint, model.identity.dtype, layers,
+                model.identity.attn_implementation, groups_digest(groups))
             return table, path, True
     table = build_cama_table(model, prompts, dataset_fingerprint, layers, batch_size=batch_size,
                              progress=progress, runner=runner, groups=groups)

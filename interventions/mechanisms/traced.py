@@ -360,6 +360,41 @@ def last_token_predictions(sites, answer_ids=None):
     return pred, answer
 
 
+def logit_measures(logits, answer_ids, reference=None, reference_rows=None):
+    """The greedy prediction and the continuous measures from last-position logits.
+
+    Args:
+        logits: ``(B, V)`` last-position logits (any float dtype; measured in float32).
+        answer_ids: ``(B,)`` the answer token of each row.
+        reference: ``(R, V)`` float32 log-probabilities of the reference (clean) pass for the
+            rows ``reference_rows`` ``(R,)`` of the batch, or ``None``.
+    Returns:
+        ``pred (B,)`` int64 argmax, ``answer_logit (B,)`` float32, ``answer_logprob (B,)``
+        float32 (log-softmax at the answer), and ``kl (B,)`` float32 ``KL(reference || this)``
+        in nats, NaN for rows without a reference (``None`` without ``reference``).
+    """
+    logits = logits.float()
+    logprobs = torch.log_softmax(logits, -1)
+    answers = answer_ids.to(logits.device)[:, None]
+    pred = logits.argmax(-1)
+    answer_logit = logits.gather(-1, answers)[:, 0]
+    answer_logprob = logprobs.gather(-1, answers)[:, 0]
+    kl = None
+    if reference is not None:
+        rows = reference_rows.to(logits.device)
+        ref = reference.to(logits.device, torch.float32)
+        kl = torch.full(pred.shape, float("nan"), device=logits.device)
+        kl[rows] = (ref.exp() * (ref - logprobs[rows])).sum(-1)
+    return pred, answer_logit, answer_logprob, kl
+
+
+def last_token_measures(sites, answer_ids, reference=None, reference_rows=None):
+    """Inside a trace, after the interventions: :func:`logit_measures` of the last position
+    (``(B,)`` tensors, small enough to ``.save()`` and bring back from a remote run)."""
+    return logit_measures(sites.root.output.logits[:, -1], answer_ids, reference,
+                          reference_rows)
+
+
 def accumulate_residuals(sites, layers, keys, sums, groups=None):
     """Inside a clean trace: add each token's ``h_k`` to its key's running sum.
 

@@ -18,7 +18,7 @@ from ..errors import UserError
 from ..executors.remote.executor import check_cells_per_request
 from ..executors.remote.ndif_server import SERVER_PATHS
 from ..mechanisms.plan import AF1Plan
-from .experiments import THRESHOLD_RULES
+from .experiments import DEFAULT_THRESHOLD, THRESHOLD_RULES
 
 # How cells are evaluated locally (``--executor``): fast (the default; exact to the reference
 # within float rounding) and the nnsight reference path, which stays the ground truth in tests.
@@ -42,8 +42,10 @@ class JobConfig:
     template: str | None = None
     l_wait: str | None = None  # None: every layer 0..L-1
     l_transfer: str = "1-4"
-    threshold: float = 0.9
+    threshold: float = DEFAULT_THRESHOLD  # the paper's criterion: keeps 85% of the full model
     threshold_on: str = "point"  # or "lower": the 95% interval's lower end must reach it
+    holdout: float | None = None  # share of the right prompts that grade, not choose, the AF1
+    # configuration (experiments.holdout_split); None: chosen and graded on the same prompts
     af1_config: str | None = None  # "L_WAIT,L_TRANSFER": skip the search for later experiments
     n_prompts: int | None = 200
     seed: int = 0
@@ -148,6 +150,9 @@ def check_config(cfg: JobConfig) -> None:
         raise UserError(f"--n-prompts must be >= 1, got {cfg.n_prompts}")
     if not 0.0 < cfg.threshold <= 1.0:
         raise UserError(f"--threshold must lie in (0, 1], got {cfg.threshold}")
+    if cfg.holdout is not None and not 0.0 < cfg.holdout < 1.0:
+        raise UserError(f"--holdout takes the share of prompts held out to grade the AF1 "
+                        f"configuration, strictly between 0 and 1 (e.g. 0.5), got {cfg.holdout}")
     if cfg.threshold_on not in THRESHOLD_RULES:
         raise UserError(f"--threshold-on must be one of {', '.join(THRESHOLD_RULES)}, got "
                         f"{cfg.threshold_on!r}")

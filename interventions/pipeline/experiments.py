@@ -18,8 +18,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from ..errors import UserError
 from ..mechanisms.plan import AF1Plan, Intervention
+from .scoring import MEASURES
 
 EXPERIMENTS = ("sweep", "necessity", "alternatives", "styles", "three_operand")
 # Experiments that need the model's AF1 configuration, found by the sweep.
@@ -107,6 +110,18 @@ def config_cells(experiment: str, config: AF1Plan) -> list[Cell]:
 # What must reach the threshold (``--threshold-on``): the faithfulness itself, or the lower end
 # of its 95% interval (a cell passes only if the data rule out faithfulness below it).
 THRESHOLD_RULES = ("point", "lower")
+# The paper's criterion: the subgraph keeps at least 85% of the full model's performance.
+DEFAULT_THRESHOLD = 0.85
+# A second threshold whose configuration every search also reports when it differs (the
+# toolkit's earlier default, and a stricter reading of "keeps most of the accuracy").
+ALSO_REPORTED_THRESHOLD = 0.9
+# The fields of a results row that the search reports for its chosen cell.
+CHOSEN_FIELDS = ("faithfulness", "faithfulness_ci", "n_full_correct", "n_af1_correct_of_full",
+                 "full_accuracy", "full_accuracy_ci", "n_prompts", "ci_method", "af1_vs_full",
+                 *MEASURES, *(f"{m}_ci" for m in MEASURES), "measure_method")
+# The fields of a grade on a subset of prompts (held-out, or the prompts that chose).
+GRADE_FIELDS = ("n_full_correct", "n_af1_correct_of_full", "faithfulness", "faithfulness_ci",
+                "af1_vs_full", *MEASURES, *(f"{m}_ci" for m in MEASURES), "measure_method")
 
 
 def search_statistic(row: dict, on: str = "point") -> float | None:
@@ -140,7 +155,9 @@ def af1_search(rows: list[dict], threshold: float, on: str = "point") -> dict:
     When no cell reaches the threshold, the cell with the highest such value is reported instead
     (largest ``L_wait``, then smallest ``L_transfer`` among ties) with ``met_threshold = False``,
     so later experiments still have a configuration to run at; the report says so. The chosen
-    cell's counts and 95% interval are part of the result.
+    cell's counts, 95% interval and continuous measures (:data:`CHOSEN_FIELDS`; ``None`` for
+    rows that do not record them) are part of the result. The numbers are those of the rows
+    given: graded on the prompts that chose the cell (in-sample); see :func:`search_task`.
     """
     if not rows:
         raise UserError("the AF1 search needs sweep results; run the sweep experiment")
@@ -159,14 +176,99 @@ def af1_search(rows: list[dict], threshold: float, on: str = "point") -> dict:
         "met_threshold": met,
         "l_wait": chosen["l_wait"],
         "l_transfer": chosen["l_transfer"],
-        "faithfulness": chosen["faithfulness"],
-        "faithfulness_ci": chosen["faithfulness_ci"],
-        "n_full_correct": chosen["n_full_correct"],
-        "n_af1_correct_of_full": chosen["n_af1_correct_of_full"],
-        "full_accuracy": chosen["full_accuracy"],
-        "full_accuracy_ci": chosen["full_accuracy_ci"],
-        "n_prompts": chosen["n_prompts"],
-        "ci_method": chosen["ci_method"],
+        **{name: chosen.get(name) for name in CHOSEN_FIELDS},
         "frontier": {str(t): w for t, w in frontier(rows, threshold, on).items()},
         "n_cells": len(rows),
     }
+
+
+def holdout_split(full_ok: np.ndarray, strata: np.ndarray, fraction: float, seed: int
+                  ) -> dict:
+    """Split the prompts the full model gets right into those that choose the AF1
+    configuration and those that grade it (``--holdout``).
+
+    ``round(fraction * n)`` of the ``n`` right prompts (at least one, at most ``n - 1``) are
+    held out to grade, drawn at random (``numpy.random.default_rng(seed)``) within each stratum
+    (``strata``: ``(N,)`` the prompt's CAMA group and token length), each stratum contributing
+    in proportion to its size (largest remainders; ties drawn at random), so both parts hold
+    every template and length where a stratum has two or more prompts.
+
+    Returns ``{"fraction", "seed", "select_prompts", "eval_prompts"}`` (sorted prompt indices);
+    raises :class:`UserError` when fewer than two prompts are right.
+    """
+    right = np.flatnonzero(full_ok)
+    n = len(right)
+    if n < 2:
+        raise UserError(f"--holdout needs at least 2 prompts the full model gets right to "
+                        f"split, got {n}")
+    n_eval = min(max(int(np.floor(fraction * n + 0.5)), 1), n - 1)
+    rng = np.random.default_rng(seed)
+    keys, members = np.unique(strata[right], return_inverse=True)
+    sizes = np.bincount(members, minlength=len(keys))
+    quota = n_eval * sizes / n
+    take = np.floor(quota).astype(int)
+    remainder = quota - take + rng.random(len(keys)) * 1e-9  # random among equal remainders
+    take[np.argsort(-remainder, kind="stable")[:n_eval - int(take.sum())]] += 1
+    held = np.concatenate([rng.permutation(right[members == k])[:take[k]]
+                           for k in range(len(keys))])
+    held = np.sort(held)
+    return {"fraction": fraction, "seed": seed, "stratified_by": "CAMA group and token length",
+            "select_prompts": np.setdiff1d(right, held).tolist(), "eval_prompts": held.tolist()}
+
+
+def _grade(outcomes, row: dict, prompts, seed: int) -> dict:
+    """A row's :data:`GRADE_FIELDS` on ``prompts`` only."""
+    numbers = outcomes.measure(row, seed, np.asarray(prompts, dtype=np.int64))
+    return {name: numbers[name] for name in GRADE_FIELDS}
+
+
+def search_task(rows: list[dict], threshold: float, on: str = "point", outcomes=None,
+                split: dict | None = None, seed: int = 0) -> dict:
+    """The AF1 search of one data set's sweep rows, with its grade.
+
+    Without ``split`` the configuration is chosen and graded on the same prompts:
+    ``in_sample`` is true and ``holdout`` ``None`` (the grade is optimistic: it is the best of
+    many cells on these prompts). With ``split`` (:func:`holdout_split`; needs ``outcomes``, a
+    :class:`~.scoring.DataOutcomes` of the data set) the configuration is chosen on
+    ``select_prompts`` only and graded on ``eval_prompts``: ``in_sample`` is false, and
+    ``holdout`` holds the split (prompt indices and the saved data set's ``select_rows`` /
+    ``eval_rows``), the chosen cell's grade on the prompts that chose it (``selection``) and its
+    held-out grade (:data:`GRADE_FIELDS`). Either way the top-level numbers are the chosen
+    cell's on every prompt (as its results row has them).
+
+    When ``threshold`` is not :data:`ALSO_REPORTED_THRESHOLD` the result also holds
+    ``threshold_0.9``: the configuration that threshold gives (chosen the same way, with its
+    numbers and held-out grade) and whether it ``differs``; ``None`` otherwise.
+    """
+    if split is None:
+        result = {**af1_search(rows, threshold, on), "in_sample": True, "holdout": None}
+    else:
+        graded = [{**row, **outcomes.measure(row, seed, np.asarray(split["select_prompts"]))}
+                  for row in rows]
+        choice = af1_search(graded, threshold, on)
+        chosen = next(r for r in rows if (r["l_wait"], r["l_transfer"]) ==
+                      (choice["l_wait"], choice["l_transfer"]))
+        result = {**choice, **{name: chosen.get(name) for name in CHOSEN_FIELDS},
+                  "in_sample": False}
+        result["holdout"] = {
+            "fraction": split["fraction"], "seed": split["seed"],
+            "stratified_by": split.get("stratified_by"),
+            "n_select_prompts": len(split["select_prompts"]),
+            "n_eval_prompts": len(split["eval_prompts"]),
+            "select_prompts": split["select_prompts"], "eval_prompts": split["eval_prompts"],
+            "select_rows": outcomes.rows_of(split["select_prompts"]),
+            "eval_rows": outcomes.rows_of(split["eval_prompts"]),
+            "selection": _grade(outcomes, chosen, split["select_prompts"], seed),
+            **_grade(outcomes, chosen, split["eval_prompts"], seed)}
+    key = f"threshold_{ALSO_REPORTED_THRESHOLD:g}"
+    result[key] = None
+    if threshold != ALSO_REPORTED_THRESHOLD:
+        other = search_task(rows, ALSO_REPORTED_THRESHOLD, on, outcomes, split, seed)
+        if other["holdout"] is not None:  # the same split: its lists are said once
+            other["holdout"] = {k: v for k, v in other["holdout"].items()
+                                if k not in ("select_prompts", "eval_prompts",
+                                             "select_rows", "eval_rows")}
+        result[key] = {"differs": (other["l_wait"], other["l_transfer"]) !=
+                       (result["l_wait"], result["l_transfer"]),
+                       **{k: v for k, v in other.items() if k != key}}
+    return result

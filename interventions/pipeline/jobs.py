@@ -12,6 +12,7 @@ Output directory layout::
     af1_search.json          frontier and AF1 configuration per swept task
     probe.json               partial-result probe (three_operand experiment)
     data/<task>-<style>/     the exact data sets (datasets.save_to_disk) with full-model predictions
+                             (a second data set of a task and style: <task>-<style>~<fingerprint>)
     figures/                 every figure (PNG, PDF, caption) and tables.md, from the files above
 
 Re-running the same command resumes: finished cells are skipped, a torn last line is dropped.
@@ -29,14 +30,14 @@ from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 from ..errors import UserError
-from ..mechanisms.cama import CamaTable
+from ..mechanisms.cama import CamaTable, groups_digest
 from ..mechanisms.models import AF1Model, cache_dir, load_model
 from ..mechanisms.plan import AF1Plan
 from .config import (JobConfig, check_config, check_out_writable, default_out, grid_plans,
                      parse_af1_config, parse_layer_values)
 from .experiments import (NEEDS_CONFIG, PAPER_STYLES, STYLE_TASKS, THREE_OPERAND_TASKS, Cell,
-                          af1_search, alternative_cells, config_cells, necessity_cells,
-                          parse_experiments, sweep_cells)
+                          alternative_cells, config_cells, holdout_split, necessity_cells,
+                          parse_experiments, search_task, sweep_cells)
 from .manifest import base_manifest, now, write_json_atomic
 from .remote_jobs import dry_run, start_remote, submit
 from .results import SETTING_DEFAULTS, ResultsLog, setting_label, setting_of
@@ -61,7 +62,12 @@ class Job:
         self.timings: dict[str, float] = {}
         self.manifest: dict = {}
         self.log: ResultsLog | None = None
-        self.searches: dict[str, dict] = {}
+        self.searches: dict[str, dict] = {}  # by data-set name
+        # The data sets already named in the directory (name: fingerprint), from its manifest:
+        # a new data set of the same task and style gets a name of its own (TaskRun.name).
+        self.dataset_names: dict[str, str | None] = {
+            name: entry.get("dataset_fingerprint")
+            for name, entry in _read_manifest(out).get("tasks", {}).items()}
         self.client = None  # a RemoteClient for --remote, made once the output directory exists
         # The setting every row of this job is measured in (besides the task's answer scoring).
         self.setting = {"dtype": model.identity.dtype,
@@ -83,12 +89,7 @@ class Job:
         if foreign:
             raise UserError(f"{str(self.log.path)!r} holds results of another model "
                             f"({foreign.pop()}); choose another --out")
-        previous = {}
-        if (self.out / "manifest.json").is_file():
-            try:
-                previous = json.loads((self.out / "manifest.json").read_text())
-            except ValueError:
-                previous = {}
+        previous = _read_manifest(self.out)
         self.manifest = base_manifest(self.cfg.argv)
         self.manifest.update({
             "status": "running",
@@ -125,6 +126,14 @@ class Job:
         self.manifest.update({"status": "complete", "finished": now(), "timings": self.timings,
                               "n_rows": len(self.log), "n_rows_new": n_new})
         self.save_manifest()
+
+
+def _read_manifest(out: Path) -> dict:
+    """The manifest of an earlier run into ``out`` ({} if there is none or it is unreadable)."""
+    try:
+        return json.loads((out / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return {}
 
 
 def backend_name(cfg: JobConfig) -> str:
@@ -181,7 +190,9 @@ def run_job(cfg: JobConfig, report: dict | None = None) -> Path:
             raise UserError("--cama-table applies to a single task; pass one task with --tasks")
         table = CamaTable.load(cfg.cama_table).check(
             model.identity.fingerprint, main_runs[0].fingerprint, model.identity.dtype,
-            layers=sorted({p.l_wait for p in plans if p.l_wait > 0}))
+            layers=sorted({p.l_wait for p in plans if p.l_wait > 0}),
+            attn_implementation=model.identity.attn_implementation,
+            groups=groups_digest(main_runs[0].groups))
         main_runs[0].use_table(table, Path(cfg.cama_table))
     extra_runs, skipped = _experiment_tasks(cfg, model, job, experiments)
     if cfg.dry_run:
@@ -216,7 +227,7 @@ def run_job(cfg: JobConfig, report: dict | None = None) -> Path:
         config = config_for(None)
         job.manifest["af1_config"] = {"l_wait": config.l_wait, "l_transfer": config.l_transfer,
                                       "source": "--af1-config" if fixed_config else
-                                      f"search on {main_runs[0].label}"}
+                                      f"search on {main_runs[0].name}"}
     if "three_operand" in experiments:
         _probe(job, extra_runs["three_operand"])
     job.timings["experiments_s"] = time.time() - t
@@ -338,12 +349,26 @@ def _experiment_tasks(cfg, model, job, experiments) -> tuple[dict[str, list[Task
 
 
 def _search(job: Job, run: TaskRun) -> dict:
-    """Frontier and AF1 configuration of one task from its sweep rows (all on record)."""
+    """Frontier and AF1 configuration of one data set from its sweep rows (all on record),
+    chosen on every prompt or, with ``--holdout``, on one part of them and graded on the
+    other (:func:`~.experiments.search_task`)."""
+    cfg = job.cfg
     rows = job.log.select(experiment="sweep", dataset_fingerprint=run.fingerprint, sink=True,
                           wait_ablation="cama", transfer_peek="last", **run.setting)
+    outcomes = run.outcomes
+    split = skipped = None
+    if cfg.holdout is not None:
+        try:
+            split = holdout_split(outcomes.full.ok, run.prompt_strata(), cfg.holdout, cfg.seed)
+        except UserError as err:  # too few right prompts in this task: say so, go on
+            skipped = f"{err}; chosen and graded in-sample"
+            print(f"[af1] warning: {run.name}: {skipped}", flush=True)
     result = {"task": run.task, "style": run.style, "dataset_fingerprint": run.fingerprint,
-              "setting": run.setting, **af1_search(rows, job.cfg.threshold, job.cfg.threshold_on)}
-    job.searches[run.label] = result
+              "setting": run.setting,
+              **search_task(rows, cfg.threshold, cfg.threshold_on, outcomes, split, cfg.seed)}
+    if skipped:
+        result["holdout_skipped"] = skipped
+    job.searches[run.name] = result
     searches = {}
     path = job.out / "af1_search.json"
     if path.is_file():
@@ -354,27 +379,43 @@ def _search(job: Job, run: TaskRun) -> dict:
     job.save_manifest()
     rule = "faithfulness" if result["threshold_on"] == "point" else "its 95% lower bound"
     met = "" if result["met_threshold"] else ", reached by no cell: best cell"
-    low_high = result["faithfulness_ci"] or [None, None]
-    faith = ("undefined" if result["faithfulness"] is None else
-             f"{result['n_af1_correct_of_full']}/{result['n_full_correct']} = "
-             f"{result['faithfulness']:.3f}, 95% interval {low_high[0]:.3f}-{low_high[1]:.3f}")
-    print(f"[af1] {run.label}: AF1 configuration L_wait={result['l_wait']}, "
-          f"L_transfer={result['l_transfer']}, faithfulness {faith} (threshold "
-          f"{job.cfg.threshold} on {rule}{met})", flush=True)
+    held = result["holdout"]
+    grade = (f"in-sample (selected on these prompts) {_faithfulness_text(result)}"
+             if held is None else
+             f"chosen on {held['n_select_prompts']} prompts, held-out "
+             f"{_faithfulness_text(held)} on the other {held['n_eval_prompts']}")
+    also = result.get("threshold_0.9")
+    note = ("" if not also or not also["differs"] else
+            f"; at threshold 0.9: L_wait={also['l_wait']}, L_transfer={also['l_transfer']}")
+    print(f"[af1] {run.name}: AF1 configuration L_wait={result['l_wait']}, "
+          f"L_transfer={result['l_transfer']}, faithfulness {grade} (threshold "
+          f"{cfg.threshold} on {rule}{met}){note}", flush=True)
     return result
+
+
+def _faithfulness_text(grade: dict) -> str:
+    """``24/26 = 0.923, 95% interval 0.759-0.979, answer probability ratio 0.95`` (or
+    ``undefined``)."""
+    if grade["faithfulness"] is None:
+        return "undefined"
+    low, high = grade["faithfulness_ci"]
+    ratio = grade.get("answer_prob_ratio")
+    return (f"{grade['n_af1_correct_of_full']}/{grade['n_full_correct']} = "
+            f"{grade['faithfulness']:.3f}, 95% interval {low:.3f}-{high:.3f}"
+            + ("" if ratio is None else f", answer probability ratio {ratio:.3f}"))
 
 
 def _model_config(job: Job, run: TaskRun, plans: list[AF1Plan]) -> AF1Plan:
     """The AF1 configuration of a task: from this run's search, else from sweep rows already
     in the output directory, else by running the sweep now."""
-    if run.label not in job.searches:
+    if run.name not in job.searches:
         if not job.log.select(experiment="sweep", dataset_fingerprint=run.fingerprint,
                               **run.setting):
             print(f"[af1] {run.label}: running the sweep first to find the AF1 configuration",
                   flush=True)
             run.evaluate(sweep_cells(plans), "sweep")
         _search(job, run)
-    found = job.searches[run.label]
+    found = job.searches[run.name]
     return AF1Plan(found["l_wait"], found["l_transfer"])
 
 

@@ -48,6 +48,43 @@ def setting_name(label: str, setting: dict) -> str:
     return f"{label}@{setting_label(setting_of(setting)).replace('/', '-')}"
 
 
+def dataset_name(label: str, setting: dict, fingerprint: str,
+                 registered: dict[str, str | None]) -> str:
+    """The name of a data set in a results directory: its saved data set's directory
+    (``data/<name>``), its figures, its AF1 search and its manifest entry.
+
+    ``<task>-<style>`` (with the setting appended outside the default one, see
+    :func:`setting_name`) for the first data set of that task and style in the directory;
+    ``<task>-<style>~<first 8 hex of its fingerprint>`` for any other one (another ``--seed``,
+    ``--n-prompts``, ``--operand-range`` or ``--dataset`` file): two data sets never share a
+    name, so their results are never paired with each other's prompts.
+
+    ``registered`` maps the names already taken in the directory to their data sets'
+    fingerprints; the name chosen is added to it.
+    """
+    candidates = [setting_name(label, setting),
+                  setting_name(f"{label}~{fingerprint[:8]}", setting),
+                  setting_name(f"{label}~{fingerprint}", setting)]  # 8 hex digits that collide
+    name = next((c for c in candidates if registered.get(c, fingerprint) == fingerprint),
+                candidates[-1])
+    registered[name] = fingerprint
+    return name
+
+
+def name_datasets(rows: list[dict], registered: dict[str, str | None]) -> dict[tuple, str]:
+    """:func:`dataset_name` of every data set of ``rows``, in the order rows first name them:
+    ``{(task, style, fingerprint, setting label): name}``. ``registered`` (names on record, e.g.
+    the manifest's ``tasks``) is consulted first and extended."""
+    names: dict[tuple, str] = {}
+    for row in rows:
+        setting = setting_of(row)
+        key = (row["task"], row["style"], row["dataset_fingerprint"], setting_label(setting))
+        if key not in names:
+            names[key] = dataset_name(f"{row['task']}-{row['style']}", setting,
+                                      row["dataset_fingerprint"], registered)
+    return names
+
+
 def complete_row(row: dict) -> dict:
     """A row as read from disk with every field this version writes: the setting fields of
     rows that predate them, and the intervals of rows that predate those."""

@@ -5,6 +5,10 @@ Answer scoring (``--answer``): ``first`` scores each prompt's first answer token
 position; ``full`` teacher-forces every answer token (:func:`tasks.expand_answer_prefixes`): the
 expanded prompts are what the executors run and what the CAMA table is built from, and a prompt
 counts as right only when all of its rows are right.
+
+A data set's name in the output directory (:func:`~.results.dataset_name`) is unique per data
+set: a second data set of the same task and style (another ``--seed``, ``--n-prompts``, ...)
+gets ``<task>-<style>~<fingerprint>``, its own saved data set, search and figures.
 """
 
 from __future__ import annotations
@@ -23,8 +27,8 @@ from ..executors.reference import NnsightExecutor
 from ..mechanisms.cama import CamaTable, cached_cama_table, sparse_keys_warning
 from ..mechanisms.plan import as_intervention, table_layers
 from .experiments import Cell
-from .results import cell_key, setting_name, setting_of
-from .scoring import correct_per_prompt, score
+from .results import cell_key, dataset_name, setting_name, setting_of
+from .scoring import DataOutcomes, stored
 from .stats import proportion_ci
 
 if TYPE_CHECKING:
@@ -43,6 +47,24 @@ def check_input_ids(tokenizer, prompts, input_ids) -> None:
         raise UserError(f"the model's tokenizer does not read the data set's prompts as its "
                         f"input_ids ({len(bad)} prompts differ, first row {i}); rebuild the data "
                         f"set with this model's tokenizer")
+
+
+def check_context(model, label: str, input_ids, source_row=None) -> None:
+    """Refuse a data set with a prompt longer than the model's context
+    (``max_position_embeddings``): positions beyond it have no trained embedding, and the
+    results would mean nothing. ``source_row``: the data-set row of each evaluated row (under
+    ``--answer full``), so the message names the user's row."""
+    limit = getattr(model.hf.config.get_text_config(), "max_position_embeddings", None)
+    if not limit:
+        return
+    lengths = np.fromiter(map(len, input_ids), dtype=np.int64, count=len(input_ids))
+    if len(lengths) and lengths.max() > limit:
+        i = int(lengths.argmax())
+        row = i if source_row is None else int(source_row[i])
+        extra = "" if source_row is None else " (with its answer's first tokens, --answer full)"
+        raise UserError(f"{label}: data-set row {row} has {int(lengths[i])} tokens{extra}, more "
+                        f"than the model's context of {limit} positions "
+                        f"(max_position_embeddings); shorten or drop that prompt")
 
 
 class TaskRun:
@@ -78,6 +100,7 @@ class TaskRun:
         self.prompts = self.evaluated["prompt"]
         self.answers = self.evaluated["answer_token_id"]
         check_input_ids(job.model.tokenizer, self.prompts, self.evaluated["input_ids"])
+        check_context(job.model, self.label, self.evaluated["input_ids"], self.prompt_of)
         self.fingerprint = task_fingerprint(self.evaluated)
         # CAMA groups: by template where the data set has several (tasks.cama_groups), else
         # one group (token length, part of every key, separates the rest).
@@ -90,6 +113,7 @@ class TaskRun:
         self._warned_sparse = False
         self._executor = None
         self._full: Predictions | None = None
+        self._name: str | None = None
 
     def use_table(self, table: CamaTable, path: Path) -> None:
         self._table = (table, path, True)
@@ -149,9 +173,18 @@ class TaskRun:
 
     @property
     def name(self) -> str:
-        """This task in this setting (:func:`~.results.setting_name`): names its saved data
-        set, manifest entry and AF1 search."""
-        return setting_name(self.label, self.setting)
+        """This data set in this setting (:func:`~.results.dataset_name`): names its saved data
+        set, manifest entry, AF1 search and figures; unique per data set in the directory."""
+        if self._name is None:
+            registered = self.job.dataset_names
+            plain = setting_name(self.label, self.setting)
+            saved = self.job.out / "data" / plain
+            if plain not in registered and saved.is_dir():  # saved, yet not in the manifest
+                from tasks import load_task, task_fingerprint
+
+                registered[plain] = task_fingerprint(load_task(saved))
+            self._name = dataset_name(self.label, self.setting, self.fingerprint, registered)
+        return self._name
 
     def items(self, cells: list[Cell]) -> list[tuple]:
         """``(cell, plan, cama_layer)`` for the cells not yet in the results."""
@@ -172,11 +205,32 @@ class TaskRun:
 
             self._full = self.executor.clean()
             target = self.job.out / self.data_dir
-            if not target.exists():
+            if not target.exists():  # else it holds this data set (its name says so)
                 full_ok = (self._full.pred_ids == self.answers).tolist()
-                save_task(self.evaluated.add_column("full_pred_id", self._full.pred_ids.tolist())
-                          .add_column("full_correct", full_ok), target)
+                saved = (self.evaluated.add_column("full_pred_id", self._full.pred_ids.tolist())
+                         .add_column("full_correct", full_ok))
+                if self._full.answer_logprobs is not None:
+                    saved = saved.add_column("full_answer_logprob",
+                                             stored(self._full.answer_logprobs))
+                save_task(saved, target)
         return self._full
+
+    @property
+    def outcomes(self) -> DataOutcomes:
+        """The full model on this data set, to grade results rows with (as the saved data
+        set would give them)."""
+        return DataOutcomes(self.fingerprint, self.answers, self.full.pred_ids,
+                            stored(self.full.answer_logprobs), self.prompt_of)
+
+    def prompt_strata(self) -> np.ndarray:
+        """``(N,)`` each prompt's stratum for a held-out split: its CAMA group (template) and
+        token length, as one integer."""
+        first = (np.arange(len(self.evaluated)) if self.prompt_of is None
+                 else np.unique(self.prompt_of, return_index=True)[1])
+        groups = np.zeros(len(first), np.int64) if self.groups is None else \
+            np.asarray(self.groups)[first]
+        lengths = np.asarray(self.dataset["n_tokens"], dtype=np.int64)
+        return groups * (int(lengths.max()) + 1) + lengths
 
     @property
     def data_dir(self) -> str:
@@ -205,8 +259,7 @@ class TaskRun:
         if self.sink_outside_window:
             entry["sink_outside_window"] = self.sink_outside_window
         if self._full is not None:
-            full_ok = correct_per_prompt(self._full.correct(np.asarray(self.answers)),
-                                         self.prompt_of)
+            full_ok = self.outcomes.full.ok
             n_right = int(full_ok.sum())
             entry.update(full_accuracy=n_right / len(full_ok), n_full_correct=n_right,
                          full_accuracy_ci=proportion_ci(n_right, len(full_ok)))
@@ -223,18 +276,21 @@ class TaskRun:
         items = self.items(cells)
         if not items:
             return 0
-        full = self.full
+        outcomes = self.outcomes
         self.record()
         bar = tqdm(total=len(items), desc=f"{desc} {self.label}", unit="cell",
                    disable=not self.job.cfg.progress)
         started = time.time()
         for cell, preds in self.executor.run_many(items):
+            # Per evaluated row, as the numbers are recomputed from the file (scoring.py).
+            per_row = {"pred_ids": preds.pred_ids.tolist(),
+                       "answer_logprobs": stored(preds.answer_logprobs),
+                       "kl_rows": stored(preds.kl_from_clean)}
             row = {**self.row_base, **cell.row_fields(),
-                   **score(full, preds, self.answers, self.prompt_of),
+                   **outcomes.measure({**self.row_base, **per_row}, self.job.cfg.seed),
                    "executor": self.executor.name,
                    "model_fingerprint": self.job.model.identity.fingerprint,
-                   "seconds": round(time.time() - started, 4),
-                   "pred_ids": preds.pred_ids.tolist()}
+                   "seconds": round(time.time() - started, 4), **per_row}
             started = time.time()
             log.append(row)
             bar.update()

@@ -155,7 +155,7 @@ def plan_remote_job(model, tasks: Sequence[PlannedTask], batch_size: int = 32,
     built, travel as zeros of their shape and the model's dtype. Downloads are the sizes of the
     tensors the request saves plus the result container: ``(len(layers), K, D)`` float32 sums
     for a CAMA build (``K``: the data set's CAMA keys), int32 ids and float32
-    answer logits per prompt and configuration.
+    answer logits, log-probabilities and KL per prompt and configuration.
     """
     n_layers = model.n_layers
     hidden = model.hf.config.get_text_config().hidden_size
@@ -203,7 +203,8 @@ def plan_remote_job(model, tasks: Sequence[PlannedTask], batch_size: int = 32,
                                                 torch.float32)}
                     if clean_pending:
                         shapes.update(pred_ids=((n,), torch.int32),
-                                      answer_logits=((n,), torch.float32))
+                                      answer_logits=((n,), torch.float32),
+                                      answer_logprobs=((n,), torch.float32))
                     add("cama", task.label, 0, len(part), captured, _result_bytes(**shapes))
             clean_pending = False
         batches = list(zip(encodings, answers))
@@ -211,7 +212,8 @@ def plan_remote_job(model, tasks: Sequence[PlannedTask], batch_size: int = 32,
             captured = capture("full model", cells_session, [(None, None)], batches)
             add("clean", task.label, 1, len(batches), captured,
                 _result_bytes(pred_ids=((n_prompts,), torch.int32),
-                              answer_logits=((n_prompts,), torch.float32)))
+                              answer_logits=((n_prompts,), torch.float32),
+                              answer_logprobs=((n_prompts,), torch.float32)))
         items = [(None, as_intervention(c, n_layers), None) for c in task.cells]
         shared_keys = {"cama": keys,
                        "position_mean": position_mean_keys(keys)[0]}
@@ -237,9 +239,12 @@ def plan_remote_job(model, tasks: Sequence[PlannedTask], batch_size: int = 32,
 
             for part, captured in split_to_fit(chunk, send_cells, "configuration"):
                 n = len(part) * n_prompts
-                add("cells", task.label, len(part), len(part) * len(batches), captured,
+                # + a clean pass per batch, the reference of the cells' KL (steps.cell_traces)
+                add("cells", task.label, len(part), (len(part) + 1) * len(batches), captured,
                     _result_bytes(pred_ids=((n,), torch.int32),
-                                  answer_logits=((n,), torch.float32)))
+                                  answer_logits=((n,), torch.float32),
+                                  answer_logprobs=((n,), torch.float32),
+                                  kl=((n,), torch.float32)))
             first += len(chunk)
     return RemotePlan(model.identity.model_id, n_layers, model.identity.dtype, batch_size,
                       cells_per_request, requests, max_request_bytes)

@@ -63,11 +63,15 @@ def cells_session(lm, sites, backend, cells, batches, groups=None) -> dict | Non
     """One request: every ``(intervention, cama)`` cell on every ``(encoding, answers)`` batch
     (``groups``: each batch's ``(B,)`` CAMA groups, for a table grouped by template).
 
-    Returns ``pred_ids`` int32 and ``answer_logits`` float32, each ``(len(cells) * N,)`` in
-    cell-major, batch order (N prompts); ``None`` when ``backend`` only serializes.
+    Returns ``pred_ids`` int32, ``answer_logits`` and ``answer_logprobs`` float32, each
+    ``(len(cells) * N,)`` in cell-major, batch order (N prompts), and where a cell intervenes
+    ``kl`` (``KL(clean || cell)`` per prompt, from a clean pass of each batch in the same
+    request); ``None`` when ``backend`` only serializes.
     """
-    state = {"cells": list(cells), "batches": list(batches), "pred_ids": [],
-             "answer_logits": [], "groups": None if groups is None else list(groups)}
+    cells = list(cells)
+    state = {"cells": cells, "batches": list(batches), "pred_ids": [],
+             "answer_logits": [], "groups": None if groups is None else list(groups),
+             "kl": any(intervention is not None for intervention, _ in cells)}
     return request_result(run_traces(lm, sites, backend, cell_traces, predictions_step,
                                      predictions_finish, state))
 
@@ -210,7 +214,8 @@ class _RemoteCamaRunner:
                 total += received_tensor(result["residual_sums"], "CAMA sums",
                                          tuple(total.shape), "float").double()
                 if "pred_ids" in result:
-                    predictions.append((result["pred_ids"], result["answer_logits"]))
+                    predictions.append((result["pred_ids"], result["answer_logits"],
+                                        result.get("answer_logprobs")))
         if self.on_predictions is not None and predictions:
             self.on_predictions(predictions)
         return total
@@ -356,8 +361,10 @@ class RemoteExecutor:
             first += len(chunk)
 
     def _take_clean(self, predictions: list) -> None:
-        self._clean = self._assemble(torch.cat([p for p, _ in predictions]),
-                                     torch.cat([a for _, a in predictions]), 1)[0]
+        logprobs = [lp for _, _, lp in predictions]
+        self._clean = self._assemble(torch.cat([p for p, _, _ in predictions]),
+                                     torch.cat([a for _, a, _ in predictions]), 1,
+                                     None if None in logprobs else torch.cat(logprobs))[0]
 
     def _upload_cells(self, cells) -> tuple[list, list]:
         """The cells as they travel: each distinct table layer once (the same object wherever
@@ -386,32 +393,42 @@ class RemoteExecutor:
     def _evaluate(self, cells, kind: str, label: str, submit_only: bool = False):
         cells, described = self._upload_cells(cells)
         key = _request_key(self.model, kind, [self._inputs_digest, described])
+        reference = any(iv is not None for iv, _ in cells)  # a clean pass per batch (KL)
         backend = self.client.backend(kind, label, key, cells=len(cells),
-                                      traces=len(cells) * len(self._inputs),
+                                      traces=(len(cells) + reference) * len(self._inputs),
                                       submit_only=submit_only)
         result = cells_session(self.model.lm, self.model.sites, backend, cells, self._inputs,
                                self._groups)
         if submit_only:
             return backend.job_id
-        return self._assemble(result["pred_ids"], result["answer_logits"], len(cells))
+        return self._assemble(result["pred_ids"], result["answer_logits"], len(cells),
+                              result.get("answer_logprobs"), result.get("kl"))
 
-    def _assemble(self, pred_ids: torch.Tensor, answer_logits: torch.Tensor, n_cells: int
+    def _assemble(self, pred_ids: torch.Tensor, answer_logits: torch.Tensor, n_cells: int,
+                  answer_logprobs: torch.Tensor | None = None, kl: torch.Tensor | None = None
                   ) -> list[Predictions]:
-        """Split cell-major, batch-ordered saves into per-cell :class:`Predictions`."""
+        """Split cell-major, batch-ordered saves into per-cell :class:`Predictions` (a
+        result without ``answer_logprobs``/``kl``, e.g. from an older ledger, has none).
+        Every field is checked (:func:`received_tensor`): one value per cell and prompt."""
         n = n_cells * self.n_prompts
-        pred_ids = received_tensor(pred_ids, "predictions", (n,), "int")
-        answer_logits = received_tensor(answer_logits, "answer logits", (n,), "float")
-        pred_ids = pred_ids.long().numpy()
-        answer_logits = answer_logits.float().numpy()
+        fields = [received_tensor(pred_ids, "predictions", (n,), "int"),
+                  received_tensor(answer_logits, "answer logits", (n,), "float"),
+                  None if answer_logprobs is None else
+                  received_tensor(answer_logprobs, "answer log-probabilities", (n,), "float"),
+                  None if kl is None else received_tensor(kl, "KL divergences", (n,), "float")]
+        fields = [None if f is None else f.numpy() for f in fields]
         out, pos = [], 0
         for _ in range(n_cells):
-            pred = np.zeros(self.n_prompts, dtype=np.int64)
-            logit = np.zeros(self.n_prompts, dtype=np.float32)
+            per_cell = [None if f is None else np.zeros(self.n_prompts, f.dtype) for f in fields]
             for indices, _ in self.batches:
-                pred[indices] = pred_ids[pos:pos + len(indices)]
-                logit[indices] = answer_logits[pos:pos + len(indices)]
+                for mine, theirs in zip(per_cell, fields):
+                    if theirs is not None:
+                        mine[indices] = theirs[pos:pos + len(indices)]
                 pos += len(indices)
-            out.append(Predictions(pred, logit))
+            pred, logit, logprob, divergence = per_cell
+            out.append(Predictions(pred.astype(np.int64), logit.astype(np.float32),
+                                   None if logprob is None else logprob.astype(np.float32),
+                                   None if divergence is None else divergence.astype(np.float32)))
         return out
 
 

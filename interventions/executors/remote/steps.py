@@ -17,7 +17,7 @@ import torch
 from nnsight import save
 
 from ...mechanisms.traced import (accumulate_residuals, apply_intervention, apply_rules,
-                                  last_token_predictions, read_prompt, wait_replacement)
+                                  last_token_measures, read_prompt, wait_replacement)
 
 # -- evaluation and the CAMA build -----------------------------------------------------------------
 
@@ -31,10 +31,15 @@ def batch_groups(state):
 def cell_traces(state):
     """Every cell of ``state["cells"]`` (``(intervention or None, cama)``) on every batch of
     ``state["batches"]`` (``(encoding, answers)``), cell-major: ``(encoding, (answers,
-    intervention, cama, groups))`` for :func:`predictions_step`."""
-    return [(enc, (answers, intervention, cama, groups))
-            for intervention, cama in state["cells"]
-            for (enc, answers), groups in zip(state["batches"], batch_groups(state))]
+    intervention, cama, groups, batch, role))`` for :func:`predictions_step`. With
+    ``state["kl"]`` a clean trace of every batch comes first (``role`` ``"reference"``): its
+    last-position log-probabilities stay on the server as the reference of the cells' KL."""
+    batches = list(enumerate(zip(state["batches"], batch_groups(state))))
+    reference = [(enc, (answers, None, None, groups, b, "reference"))
+                 for b, ((enc, answers), groups) in batches] if state.get("kl") else []
+    return reference + [(enc, (answers, intervention, cama, groups, b, "cell"))
+                        for intervention, cama in state["cells"]
+                        for b, ((enc, answers), groups) in batches]
 
 
 def batch_traces(state):
@@ -49,19 +54,37 @@ def sum_traces(state):
             for (enc, answers), groups in zip(state["batches"], batch_groups(state))]
 
 
-def predictions_step(sites, state, extra):
-    """One cell on the traced batch. ``extra``: ``(answers (B,), intervention or None, cama,
-    groups (B,) or None)``.
-
-    Appends the last position's argmax (int32) and the answer's logit (float32), ``(B,)`` each,
-    to ``state["pred_ids"]`` / ``state["answer_logits"]``.
-    """
-    answers, intervention, cama, groups = extra
-    if intervention is not None:
-        apply_intervention(sites, intervention, cama, groups)
-    ids, logits = last_token_predictions(sites, answers)
+def append_predictions(state, measures):
+    """Append one trace's ``(pred, answer_logit, answer_logprob, kl or None)`` ``(B,)`` each
+    to the state's lists (int32 ids, float32 measures; KL only where measured)."""
+    ids, logits, logprobs, kl = measures
     state["pred_ids"].append(ids.to(torch.int32))
     state["answer_logits"].append(logits.float())
+    state.setdefault("answer_logprobs", []).append(logprobs.float())
+    if kl is not None:
+        state.setdefault("kl_values", []).append(kl.float())
+
+
+def predictions_step(sites, state, extra):
+    """One trace. ``extra``: ``(answers (B,), intervention or None, cama, groups (B,) or None,
+    batch index, role)``.
+
+    ``role`` ``"reference"``: the clean pass; keeps the log-probabilities ``(R, V)`` of the rows
+    it gets right and those rows ``(R,)`` in ``state["reference"][batch]``, on the server.
+    ``"cell"``: applies the intervention and appends the last position's argmax (int32), the
+    answer's logit and log-probability and, against the batch's reference where the request
+    has one, ``KL(clean || this)`` (float32, NaN where the clean pass is wrong), ``(B,)`` each.
+    """
+    answers, intervention, cama, groups, batch, role = extra
+    if role == "reference":
+        logits = sites.root.output.logits[:, -1].float()
+        rows = (logits.argmax(-1) == answers.to(logits.device)).nonzero()[:, 0]
+        state.setdefault("reference", {})[batch] = (torch.log_softmax(logits, -1)[rows], rows)
+        return
+    if intervention is not None:
+        apply_intervention(sites, intervention, cama, groups)
+    reference, rows = state.get("reference", {}).get(batch, (None, None))
+    append_predictions(state, last_token_measures(sites, answers, reference, rows))
 
 
 def residual_sums_step(sites, state, extra):
@@ -77,20 +100,22 @@ def residual_sums_step(sites, state, extra):
         state["sums"] = torch.zeros(state["shape"], dtype=torch.float64)
     accumulate_residuals(sites, state["layers"], state["keys"], state["sums"], groups)
     if answers is not None:
-        ids, logits = last_token_predictions(sites, answers)
-        state["pred_ids"].append(ids.to(torch.int32))
-        state["answer_logits"].append(logits.float())
+        append_predictions(state, last_token_measures(sites, answers))
 
 
 def predictions_finish(state):
-    """The saved result: ``pred_ids``/``answer_logits`` concatenated in trace order, and
-    ``residual_sums`` ``(len(layers), K, D)`` float32 when the traces summed residuals."""
+    """The saved result: ``pred_ids``/``answer_logits``/``answer_logprobs`` (and ``kl`` where
+    measured) concatenated in trace order, and ``residual_sums`` ``(len(layers), K, D)`` float32
+    when the traces summed residuals. Nothing vocabulary-sized is returned."""
     out = {}
     if "sums" in state:
         out["residual_sums"] = state["sums"].float()
     if state["pred_ids"]:
         out["pred_ids"] = torch.cat(state["pred_ids"])
         out["answer_logits"] = torch.cat(state["answer_logits"])
+        out["answer_logprobs"] = torch.cat(state["answer_logprobs"])
+        if state.get("kl_values"):
+            out["kl"] = torch.cat(state["kl_values"])
     return save(out)
 
 
