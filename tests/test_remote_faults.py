@@ -668,8 +668,10 @@ def test_an_execution_time_out_splits_the_request_recursively_and_is_recorded(
     """Never sent again as it was: halved until it fits (down to one configuration), later
     requests split before they are sent, and the stats name the requests that timed out."""
     prompts, answers = data
-    cells = af1_cells(llama_table)[:8]  # 8 configurations x 5 batches = 40 forward passes
-    transport = TimesOut(trusted(llama), limit=5)
+    # 8 configurations x 5 batches, plus each batch's clean pass (the continuous measures'
+    # reference): 45 forward passes; one configuration is 10.
+    cells = af1_cells(llama_table)[:8]
+    transport = TimesOut(trusted(llama), limit=10)
     client, sleeps = quiet_client(llama, transport)
     original = client.deliver
 
@@ -681,18 +683,18 @@ def test_an_execution_time_out_splits_the_request_recursively_and_is_recorded(
     remote = RemoteExecutor(llama, prompts, answers, batch_size=8, cells_per_request=8,
                             client=client)
     got = dict(remote.run_many(cells))
-    # 40 -> 20 -> 10 -> 5 forward passes: three time-outs, each split, none retried as it was
-    assert transport.timed_out == [40, 20, 10] and sleeps == []
+    # 45 -> 25 -> 15 -> 10 forward passes: three time-outs, each split, none retried as it was
+    assert transport.timed_out == [45, 25, 15] and sleeps == []
     assert [r.cells for r in client.stats.requests] == [1] * 8
     stats = client.stats.to_dict()
     assert stats["execution_timeouts"] == ["cells 1-8 of 8", "cells 1-4 of 8", "cells 1-2 of 8"]
-    assert stats["max_traces"] == 9 and client.max_traces == 9
+    assert stats["max_traces"] == 14 and client.max_traces == 14
     for tag, _, _ in cells:
         assert_same(llama_reference[tag], got[tag])
     # A single configuration that times out is one line: nothing left to split.
     transport.limit = 0
     with pytest.raises(RemoteRunError, match=r"ran past NDIF's execution time-out with a single "
-                                             r"configuration \(5 forward passes; Your job "
+                                             r"configuration \(10 forward passes; Your job "
                                              r"exceeded the execution timeout of 3600\.0s\.\)"):
         list(RemoteExecutor(llama, prompts, answers, batch_size=8, client=client)
              .run_many(cells[:1]))
