@@ -17,9 +17,11 @@ each has its own name (``A+B-calculate~<fingerprint>``), figures, search and tab
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 from interventions.pipeline.experiments import DEFAULT_THRESHOLD, search_task
+from interventions.pipeline.manifest import write_json_atomic
 from interventions.pipeline.results import (SETTING_DEFAULTS, name_datasets, read_results,
                                             setting_label, setting_name, setting_of)
 from interventions.pipeline.scoring import DataOutcomes
@@ -181,6 +183,20 @@ class _Context:
 
 
 METRICS = ("faithfulness", "prob_ratio", "kl")  # what the heatmap shows (--metric)
+
+
+def render_run(results_dir: str | Path) -> list[Path]:
+    """Draw the figures of a run that has just finished (``run.py`` calls it after the job) in
+    the run's setting, and list them in its ``manifest.json`` (``figures``, relative to
+    ``results_dir``; the time taken in ``timings.figures_s``). Returns the written paths."""
+    results_dir = Path(results_dir)
+    started = time.time()
+    written = render_all(results_dir)
+    manifest = _read_json(results_dir / "manifest.json")
+    manifest["figures"] = [str(p.relative_to(results_dir)) for p in written]
+    manifest.setdefault("timings", {})["figures_s"] = time.time() - started
+    write_json_atomic(results_dir / "manifest.json", manifest)
+    return written
 
 
 def render_all(results_dir: str | Path, out: str | Path | None = None,

@@ -10,6 +10,8 @@ import pytest
 
 import run
 import tiny
+from interventions.errors import UserError
+from interventions.pipeline.config import CONVERTED_FLAGS, JobConfig, config_from_args
 from interventions.pipeline.results import read_results
 from tasks import load_task, task_fingerprint
 
@@ -45,6 +47,10 @@ def test_run_writes_results_dataset_manifest_and_heatmap(tiny_dir, tmp_path, cap
     for key in ("nnsight", "transformers", "torch", "datasets"):
         assert manifest["environment"]["packages"][key]
     assert manifest["git"]["commit"] is None or len(manifest["git"]["commit"]) == 40
+    # The figures are drawn after the job (run.py -> figures.render.render_run) and listed.
+    assert sorted(manifest["figures"]) == sorted(
+        str(p.relative_to(out)) for p in (out / "figures").iterdir())
+    assert manifest["timings"]["figures_s"] >= 0
     for label in ("A+B-calculate", "A-B-calculate"):
         assert (out / "figures" / f"heatmap_{label}.png").stat().st_size > 1000
         assert (out / "figures" / f"heatmap_{label}.pdf").exists()
@@ -141,3 +147,30 @@ def test_help_explains_the_flags(capsys):
     for flag in ("--model", "--tasks", "--template", "--l-wait", "--l-transfer", "--out",
                  "--batch-size", "--device", "--dtype", "--remote"):
         assert flag in text
+
+
+def test_flags_map_onto_the_config_fields_and_take_their_defaults():
+    parser = run.build_parser()
+    fields = set(JobConfig.__dataclass_fields__)
+    dests = {a.dest for a in parser._actions} - {"help"}
+    # Every flag is a field, or one of the few converted on the way (tasks, ranges, --no-...).
+    assert dests - fields <= set(CONVERTED_FLAGS) and "no_progress" in dests
+    assert fields - dests - {"progress", "argv"} == set()
+    # No flags: exactly JobConfig's defaults (its default task as a list).
+    cfg = config_from_args(parser.parse_args([]), ["run.py"])
+    assert cfg == JobConfig(tasks=["A+B"], argv=["run.py"])
+    assert config_from_args(parser.parse_args(["--dataset", "d.jsonl"])).tasks == []
+    given = parser.parse_args(["--cells-per-request", "5", "--tasks", "A+B, A-B,",
+                               "--operand-range", "2-7", "--no-progress", "--attn", "eager",
+                               "--max-request-mb", "0.5", "--remote"])
+    cfg = config_from_args(given)
+    assert (cfg.cells_per_request, cfg.tasks, cfg.operand_range, cfg.progress,
+            cfg.attn_implementation, cfg.max_request_mb, cfg.remote) == (
+        5, ["A+B", "A-B"], (2, 7), False, "eager", 0.5, True)
+    with pytest.raises(UserError, match="--operand-range takes LO-HI"):
+        config_from_args(parser.parse_args(["--operand-range", "7"]))
+    # A flag added to the parser without a field is refused, not dropped.
+    args = parser.parse_args([])
+    args.cells_per_batch = 3
+    with pytest.raises(TypeError, match="cells_per_batch"):
+        config_from_args(args)

@@ -178,13 +178,17 @@ def test_killed_run_resumes_to_the_same_results(tmp_path):
 
 
 def test_figures_rebuild_from_results_with_no_model_and_no_torch(tmp_path):
+    from figures.render import render_run
     from interventions.pipeline.jobs import JobConfig, run_job
 
     model_dir = tiny.save_tiny_model("llama", tmp_path / "m", tiny.digit_tokenizer())
     out = tmp_path / "run"
     run_job(JobConfig(model=model_dir, experiments="all", out=str(out), progress=False,
                       cache_dir=str(tmp_path / "cache"), l_transfer="1-2"))
+    assert not (out / "figures").exists()  # the pipeline draws nothing; run.py calls figures
+    written = render_run(out)
     made = sorted(p.name for p in (out / "figures").iterdir())
+    assert sorted(p.name for p in written) == made
     rebuilt = tmp_path / "rebuilt"
     # As on a machine without them: every import finder reports torch, transformers and
     # nnsight as absent (a probe finds nothing, an import raises ModuleNotFoundError).

@@ -4,9 +4,9 @@ independent plain-hook implementation (tests/reference.py on ``model.hf``), and 
 For a handful of cells (AF1 configurations, one alternative, one necessity window) the hooks,
 the fast executor and the nnsight path agree prompt by prompt, on the default task's prompts
 (7 tokens) and 'words' prompts (10 tokens) in one left-padded batch. The hooks take brute-force
-CAMA means; every non-sink (position, token) occurs at one token length, so these equal the
-table's means whether it is keyed by (position, token), as today, or also by token length, as
-the spec requires (see test_independent.py).
+CAMA means keyed by (position, token); every non-sink (position, token) occurs at one token
+length, so these equal the table's means, keyed by (position, token, length, group) as the spec
+requires (see test_independent.py).
 
 Tolerance. From layer 2 on, SmolLM2's residual stream reaches 2.5e4 at the sink (about 2e-3
 between two float32 neighbours), and the last token reads the sink in every layer. Each cell's

@@ -1,6 +1,6 @@
 """The fast executor: AF1 without the work the subgraph does not need, on the plain HF module.
 
-:class:`FastExecutor` has the interface of :class:`interventions.evaluate.NnsightExecutor` (the
+:class:`FastExecutor` has the interface of :class:`~.reference.NnsightExecutor` (the
 reference path, which stays the ground truth in tests) but calls the decoder layers itself, with
 masks, position ids and position embeddings it builds (``ArchAdapter`` knows each architecture's
 embeddings, rotary module, final norm, head and cache keyword). It computes only what the
@@ -23,7 +23,7 @@ prediction depends on:
   its own mask, ``batch_size x longest prompt`` rows per layer call (as many tokens as one
   all-position batch).
 
-Every :class:`interventions.plan.Intervention` (so every :class:`AF1Plan` variant) takes this
+Every :class:`~interventions.mechanisms.plan.Intervention` (so every :class:`AF1Plan` variant) takes this
 path: rules per layer become masks, a replacement becomes the start state. Sliding-window layers
 (``ArchAdapter.layer_windows``) get every rule intersected with their window, as the reference
 does: in such a layer a last token at position ``>= window`` does not read its sink. The one

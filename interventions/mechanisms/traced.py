@@ -1,8 +1,9 @@
 """The code that runs *inside* an nnsight trace: ABP masks, CAMA look-ups and reductions.
 
 Everything here may execute on an NDIF server, so its functions use only ``torch`` and the module
-is shipped by value with remote requests (registered at the end). Architecture quirks are resolved *outside* the trace by ``interventions.adapters`` into a :class:`ModelSites`, which
-travels with the request (its envoys pickle as references to the server's own modules).
+is shipped by value with remote requests (registered at the end). Architecture quirks are
+resolved *outside* the trace by :mod:`~interventions.mechanisms.adapters` into a
+:class:`ModelSites`, which travels with the request (its envoys pickle as references to the server's own modules).
 
 Typical use inside a user's own trace (see the README)::
 
@@ -304,7 +305,7 @@ def apply_rules(sites, rules, replace_layer=None, replacement=None, real=None):
 
 
 def apply_intervention(sites, intervention, cama=None, groups=None):
-    """Inside a trace: apply an :class:`interventions.plan.Intervention` to the traced batch.
+    """Inside a trace: apply an :class:`~.plan.Intervention` to the traced batch.
 
     Args:
         sites: ``model.sites`` of an :class:`interventions.AF1Model`.

@@ -1,4 +1,5 @@
-"""What a job is asked to do: :class:`JobConfig` (one field per CLI flag) and the checks of the
+"""What a job is asked to do: :class:`JobConfig` (one field per CLI flag, and every flag's
+default), :func:`config_from_args` (the parsed flags -> a ``JobConfig``) and the checks of the
 user's input that need no model (layer values, grid, output directory, flag combinations).
 
 Every check raises :class:`~interventions.errors.UserError` (one ``error:`` line from ``run.py``)
@@ -10,12 +11,11 @@ from __future__ import annotations
 import os
 import re
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Sequence
 
 from ..errors import UserError
-from ..executors.remote.executor import check_cells_per_request
 from ..executors.remote.ndif_server import SERVER_PATHS
 from ..mechanisms.plan import AF1Plan
 from .experiments import DEFAULT_THRESHOLD, THRESHOLD_RULES
@@ -25,11 +25,14 @@ from .experiments import DEFAULT_THRESHOLD, THRESHOLD_RULES
 EXECUTOR_NAMES = ("fast", "nnsight")
 # How a prompt's answer is scored (``--answer``): its first token, or every token (teacher forcing).
 ANSWER_SCORING = ("first", "full")
+# Where --remote sends its requests (``--remote-backend``): NDIF, or NDIF's code run here.
+REMOTE_BACKENDS = ("remote", "local")
 
 
 @dataclass
 class JobConfig:
-    """Everything a job needs; the CLI's flags map one to one onto these fields."""
+    """Everything a job needs; the CLI's flags map one to one onto these fields
+    (:func:`config_from_args`), and take their defaults from here."""
 
     model: str = "smollm2"
     experiments: str = "sweep"
@@ -73,6 +76,48 @@ class JobConfig:
     submit: bool = False
     progress: bool = True
     argv: list[str] | None = field(default=None, repr=False)
+
+    @property
+    def evaluates(self) -> bool:
+        """Whether the job evaluates cells here and ends with complete results (not
+        ``--dry-run``, which sends nothing, nor ``--submit``, which collects on a rerun): only
+        then are there figures to draw."""
+        return not (self.dry_run or self.submit)
+
+
+# Flags whose value is not one field's value as parsed: converted by config_from_args.
+CONVERTED_FLAGS = ("tasks", "operand_range", "no_progress")
+
+
+def config_from_args(args, argv: list[str] | None = None) -> JobConfig:
+    """The :class:`JobConfig` of parsed command-line arguments (an ``argparse.Namespace``):
+    each flag's value goes to the field of its name (``--cells-per-request`` ->
+    ``cells_per_request``), except :data:`CONVERTED_FLAGS`: ``--tasks`` (a comma list; unset:
+    the default task, or none with ``--dataset``), ``--operand-range`` (``LO-HI`` -> a pair)
+    and ``--no-progress`` (``progress``). ``argv``: the command line, for the manifest.
+
+    Raises :class:`UserError` for a malformed ``--operand-range``, and ``TypeError`` for a
+    parsed flag that has no field (a flag added to the parser only)."""
+    given = dict(vars(args))
+    names = {f.name for f in fields(JobConfig)}
+    unmapped = sorted(set(given) - names - set(CONVERTED_FLAGS))
+    if unmapped:
+        raise TypeError(f"flags without a JobConfig field: {', '.join(unmapped)}")
+    values = {name: value for name, value in given.items() if name in names}
+    if given.get("tasks") is not None:
+        values["tasks"] = [t.strip() for t in given["tasks"].split(",") if t.strip()]
+    else:
+        values["tasks"] = [] if given.get("dataset") else list(JobConfig.tasks)
+    spec = given.get("operand_range")
+    if spec:
+        lo, _, hi = spec.partition("-")
+        if not (lo.isdigit() and hi.isdigit()):
+            raise UserError(f"--operand-range takes LO-HI, got {spec!r}")
+        values["operand_range"] = (int(lo), int(hi))
+    else:
+        values["operand_range"] = None
+    values["progress"] = not given.get("no_progress", False)
+    return JobConfig(**values, argv=argv)
 
 
 # -- argument checks -------------------------------------------------------------------------
@@ -166,7 +211,7 @@ def check_config(cfg: JobConfig) -> None:
     if cfg.answer not in ANSWER_SCORING:
         raise UserError(f"--answer must be one of {', '.join(ANSWER_SCORING)}, got "
                         f"{cfg.answer!r}")
-    if cfg.remote_backend not in ("remote", "local"):
+    if cfg.remote_backend not in REMOTE_BACKENDS:
         raise UserError(f"--remote-backend must be remote or local, got {cfg.remote_backend!r}")
     if cfg.server_path is not None:
         if cfg.server_path not in SERVER_PATHS:
@@ -176,7 +221,9 @@ def check_config(cfg: JobConfig) -> None:
             raise UserError("--server-path goes with --remote --remote-backend local (on NDIF "
                             "the API key decides: a key with the trusted tag runs in-process, "
                             "any other in the sandbox)")
-    check_cells_per_request(cfg.cells_per_request)
+    if cfg.cells_per_request < 1:  # the remote executor refuses it too, later
+        raise UserError(f"cells per request (--cells-per-request) must be >= 1, got "
+                        f"{cfg.cells_per_request}")
     if not cfg.max_request_mb > 0:
         raise UserError(f"--max-request-mb must be > 0, got {cfg.max_request_mb}")
     parse_duration(cfg.remote_timeout, "remote-timeout")

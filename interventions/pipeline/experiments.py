@@ -11,12 +11,13 @@ cells; nothing here runs a model.
                    mean or nothing; the transfer stage by ABP, every token peeking, or no sink.
 * ``styles``       the six input styles x {A+B, A-B} at the AF1 configuration.
 * ``three_operand`` AF1 on the four three-operand tasks at the AF1 configuration (plus the
-                   partial-result probe, see :mod:`interventions.probe`).
+                   partial-result probe, see :mod:`interventions.pipeline.probe`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable, Iterator, Sequence, TypeVar
 
 import numpy as np
 
@@ -31,6 +32,8 @@ NECESSITY_WINDOWS = (1, 2, 3, 4)
 PAPER_STYLES = ("symbolic", "words", "question", "instruction", "story", "code")
 STYLE_TASKS = ("A+B", "A-B")
 THREE_OPERAND_TASKS = ("A+B+C", "A+B-C", "A-B+C", "A-B-C")
+# The three-operand task whose partial result the probe reads (:mod:`.probe`).
+PROBE_TASK = "A+B-C"
 
 
 @dataclass(frozen=True)
@@ -103,6 +106,37 @@ def alternative_cells(config: AF1Plan) -> list[Cell]:
 def config_cells(experiment: str, config: AF1Plan) -> list[Cell]:
     """The single AF1 configuration, for the styles and three-operand experiments."""
     return [Cell(experiment, AF1Plan(config.l_wait, config.l_transfer))]
+
+
+Run = TypeVar("Run")  # a task run (:class:`~.taskrun.TaskRun`); only passed through here
+
+
+def evaluation_plan(experiments: Sequence[str], main_runs: list[Run],
+                    extra_runs: dict[str, list[Run]], plans: list[AF1Plan], n_layers: int,
+                    config_for: Callable[[Run | None], AF1Plan] | None
+                    ) -> Iterator[tuple[str, Run, list[Cell]]]:
+    """``(experiment, task run, cells)`` in the order a job evaluates them; the one place that
+    knows the order (runs, dry runs and submissions all follow it).
+
+    ``main_runs``: the tasks of the sweep, necessity and alternatives; ``extra_runs``: those of
+    the styles and three-operand experiments, by experiment. ``config_for(run)`` gives a task's
+    AF1 configuration (``None``: the job's, for the styles and three-operand experiments). The
+    generator calls it only when it gets there, so a sweep yielded earlier can be evaluated (and
+    searched) first; it may be ``None`` when no experiment needs a configuration.
+    """
+    for experiment in experiments:
+        if experiment == "sweep":
+            for run in main_runs:
+                yield experiment, run, sweep_cells(plans)
+        elif experiment == "necessity":
+            for run in main_runs:
+                yield experiment, run, necessity_cells(n_layers)
+        elif experiment == "alternatives":
+            for run in main_runs:
+                yield experiment, run, alternative_cells(config_for(run))
+        else:
+            for run in extra_runs.get(experiment, []):
+                yield experiment, run, config_cells(experiment, config_for(None))
 
 
 # -- AF1 search ------------------------------------------------------------------------------

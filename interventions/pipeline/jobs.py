@@ -1,7 +1,8 @@
-"""Runs experiments end to end: tasks -> CAMA tables -> cells -> results, search, figures.
+"""Runs experiments end to end: tasks -> CAMA tables -> cells -> results and the AF1 search.
 
-``run.py`` parses flags into a :class:`~interventions.pipeline.config.JobConfig` and calls
-:func:`run_job`. Every check that can
+``run.py`` parses flags into a :class:`~interventions.pipeline.config.JobConfig`, calls
+:func:`run_job`, then draws the figures from the saved results (:func:`figures.render.render_run`;
+the pipeline never imports ``figures``). Every check that can
 fail because of the user's input (model path, layer ranges, templates, empty data sets, CAMA
 table mismatch, output path) happens before anything is written to the output directory.
 
@@ -14,6 +15,7 @@ Output directory layout::
     data/<task>-<style>/     the exact data sets (datasets.save_to_disk) with full-model predictions
                              (a second data set of a task and style: <task>-<style>~<fingerprint>)
     figures/                 every figure (PNG, PDF, caption) and tables.md, from the files above
+                             (drawn by run.py after the job)
 
 Re-running the same command resumes: finished cells are skipped, a torn last line is dropped.
 A cell counts as finished only in the same setting (dtype, attention implementation, backend,
@@ -25,132 +27,22 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
 
 from ..errors import UserError
 from ..mechanisms.cama import CamaTable, groups_digest
-from ..mechanisms.models import AF1Model, cache_dir, load_model
+from ..mechanisms.models import AF1Model, load_model
 from ..mechanisms.plan import AF1Plan
 from .config import (JobConfig, check_config, check_out_writable, default_out, grid_plans,
                      parse_af1_config, parse_layer_values)
-from .experiments import (NEEDS_CONFIG, PAPER_STYLES, STYLE_TASKS, THREE_OPERAND_TASKS, Cell,
-                          alternative_cells, config_cells, holdout_split, necessity_cells,
-                          parse_experiments, search_task, sweep_cells)
-from .manifest import base_manifest, now, write_json_atomic
+from .experiments import (NEEDS_CONFIG, PAPER_STYLES, PROBE_TASK, STYLE_TASKS,
+                          THREE_OPERAND_TASKS, evaluation_plan, holdout_split, parse_experiments,
+                          search_task, sweep_cells)
+from .manifest import write_json_atomic
 from .remote_jobs import dry_run, start_remote, submit
-from .results import SETTING_DEFAULTS, ResultsLog, setting_label, setting_of
-from .stats import CI_LEVEL, CI_METHOD, PAIRED_TEST
+from .results import setting_of
+from .state import Job
 from .taskrun import TaskRun
-
-PROBE_TASK = "A+B-C"
-
-
-# -- the job ---------------------------------------------------------------------------------
-
-
-class Job:
-    """The state of one ``run.py`` invocation."""
-
-    def __init__(self, cfg: JobConfig, model: AF1Model, out: Path, experiments: list[str]):
-        self.cfg = cfg
-        self.model = model
-        self.out = out
-        self.experiments = experiments
-        self.cache_root = Path(cfg.cache_dir) if cfg.cache_dir else cache_dir()
-        self.timings: dict[str, float] = {}
-        self.manifest: dict = {}
-        self.log: ResultsLog | None = None
-        self.searches: dict[str, dict] = {}  # by data-set name
-        # The data sets already named in the directory (name: fingerprint), from its manifest:
-        # a new data set of the same task and style gets a name of its own (TaskRun.name).
-        self.dataset_names: dict[str, str | None] = {
-            name: entry.get("dataset_fingerprint")
-            for name, entry in _read_manifest(out).get("tasks", {}).items()}
-        self.client = None  # a RemoteClient for --remote, made once the output directory exists
-        # The setting every row of this job is measured in (besides the task's answer scoring).
-        self.setting = {"dtype": model.identity.dtype,
-                        "attn_implementation": model.identity.attn_implementation,
-                        "backend": backend_name(cfg)}
-        self.preflight = None  # NDIF's preflight result (--remote on NDIF)
-        self.remote_plan = None  # what --dry-run would send (a RemotePlan)
-
-    def save_manifest(self) -> None:
-        write_json_atomic(self.out / "manifest.json", self.manifest)
-
-    def start(self, grid: dict, setting: dict) -> None:
-        """Create the output directory, refuse foreign results, write the first manifest
-        (``setting``: what this run's rows are measured in)."""
-        self.out.mkdir(parents=True, exist_ok=True)
-        self.log = ResultsLog(self.out / "results.jsonl")
-        foreign = {r.get("model_fingerprint") for r in self.log} - {
-            self.model.identity.fingerprint}
-        if foreign:
-            raise UserError(f"{str(self.log.path)!r} holds results of another model "
-                            f"({foreign.pop()}); choose another --out")
-        previous = _read_manifest(self.out)
-        self.manifest = base_manifest(self.cfg.argv)
-        self.manifest.update({
-            "status": "running",
-            "experiments": self.experiments,
-            "config": {k: v for k, v in asdict(self.cfg).items() if k != "argv"},
-            "model": self.model.identity.to_dict(),
-            "executor": self.cfg.executor,
-            "grid": grid,
-            "tasks": previous.get("tasks", {}),
-            "history": previous.get("history", []),
-            "setting": setting,
-            "settings_on_record": _settings_on_record(self.log),
-            "intervals": {"method": CI_METHOD, "level": CI_LEVEL, "paired_test": PAIRED_TEST},
-            "resumed_rows": len(self.log),
-            "rows_without_setting": self.log.n_legacy_rows,
-            "dropped_torn_line": self.log.dropped_torn_line,
-        })
-        if self.log.n_legacy_rows:
-            print(f"[af1] {self.log.n_legacy_rows} rows in {self.log.path} record no setting; "
-                  f"they are read as {setting_label(SETTING_DEFAULTS)} (what runs used then)",
-                  flush=True)
-        self.save_manifest()
-
-    def finish(self, started: float, n_new: int) -> None:
-        self.timings["total_s"] = time.time() - started
-        if self.client is not None:
-            self.manifest["remote"] = self.client.stats.to_dict()
-            self.client.close()
-        self.manifest["history"].append({"started": self.manifest["started"], "finished": now(),
-                                         "command": self.manifest["command"],
-                                         "setting": self.manifest["setting"],
-                                         "n_rows_new": n_new})
-        self.manifest["settings_on_record"] = _settings_on_record(self.log)
-        self.manifest.update({"status": "complete", "finished": now(), "timings": self.timings,
-                              "n_rows": len(self.log), "n_rows_new": n_new})
-        self.save_manifest()
-
-
-def _read_manifest(out: Path) -> dict:
-    """The manifest of an earlier run into ``out`` ({} if there is none or it is unreadable)."""
-    try:
-        return json.loads((out / "manifest.json").read_text())
-    except (OSError, ValueError):
-        return {}
-
-
-def backend_name(cfg: JobConfig) -> str:
-    """Where cells run: ``local`` (this machine's executors), ``ndif`` (NDIF's servers, which
-    run bfloat16), ``ndif-local`` (the NDIF request path run here, ``--remote-backend local``)."""
-    if not cfg.remote:
-        return "local"
-    return "ndif" if cfg.remote_backend == "remote" else "ndif-local"
-
-
-def _settings_on_record(log: ResultsLog) -> dict[str, int]:
-    """How many rows each setting has in ``log`` (``dtype/attn/backend/scoring``: count)."""
-    counts: dict[str, int] = {}
-    for row in log:
-        label = setting_label(setting_of(row))
-        counts[label] = counts.get(label, 0) + 1
-    return counts
 
 
 def run_job(cfg: JobConfig, report: dict | None = None) -> Path:
@@ -182,7 +74,7 @@ def run_job(cfg: JobConfig, report: dict | None = None) -> Path:
 
     builds = [_build_dataset(cfg, model)] if cfg.dataset else []
     builds += [_build(cfg, model, task, cfg.style, cfg.template) for task in cfg.tasks]
-    main_runs = [TaskRun(build, job) for build in builds]
+    main_runs = [TaskRun(build, job.context) for build in builds]
     for run in main_runs:
         print(f"[af1] task {run.build.summary()}", flush=True)
     if cfg.cama_table:
@@ -231,41 +123,8 @@ def run_job(cfg: JobConfig, report: dict | None = None) -> Path:
     if "three_operand" in experiments:
         _probe(job, extra_runs["three_operand"])
     job.timings["experiments_s"] = time.time() - t
-
-    from figures.render import render_all
-
-    t = time.time()
-    job.manifest["figures"] = [str(p.relative_to(out))
-                               for p in render_all(out, setting=main_runs[0].setting)]
-    job.timings["figures_s"] = time.time() - t
     job.finish(started, n_new)
     return out
-
-
-def evaluation_plan(experiments: Sequence[str], main_runs: list[TaskRun],
-                    extra_runs: dict[str, list[TaskRun]], plans: list[AF1Plan], n_layers: int,
-                    config_for: Callable[[TaskRun | None], AF1Plan]
-                    ) -> Iterator[tuple[str, TaskRun, list[Cell]]]:
-    """``(experiment, task run, cells)`` in the order a job evaluates them; the one place that
-    knows the order (runs, dry runs and submissions all follow it).
-
-    ``config_for(run)`` gives a task's AF1 configuration (``None``: the job's, for the styles and
-    three-operand experiments). The generator calls it only when it gets there, so a sweep
-    yielded earlier can be evaluated (and searched) first.
-    """
-    for experiment in experiments:
-        if experiment == "sweep":
-            for run in main_runs:
-                yield experiment, run, sweep_cells(plans)
-        elif experiment == "necessity":
-            for run in main_runs:
-                yield experiment, run, necessity_cells(n_layers)
-        elif experiment == "alternatives":
-            for run in main_runs:
-                yield experiment, run, alternative_cells(config_for(run))
-        else:
-            for run in extra_runs.get(experiment, []):
-                yield experiment, run, config_cells(experiment, config_for(None))
 
 
 def _load(cfg: JobConfig):
@@ -340,7 +199,8 @@ def _experiment_tasks(cfg, model, job, experiments) -> tuple[dict[str, list[Task
     for name, pairs in wanted.items():
         for task, style in pairs:
             try:
-                runs[name].append(TaskRun(_build(cfg, model, task, style, None), job))
+                runs[name].append(TaskRun(_build(cfg, model, task, style, None),
+                                          job.context))
             except UserError as err:
                 skipped.append({"experiment": name, "task": task, "style": style,
                                 "reason": str(err)})

@@ -2,7 +2,9 @@
 
 The same job runs for each model in turn into ``--out/<model>`` (``runs/<model>`` by default,
 each resuming as a single run does), then the comparison of the runs that finished is written
-to ``--out/compare/`` (:mod:`figures.compare`). A model that fails (not hosted, refused, out of
+to ``--out/compare/``. Drawing (each run's figures, the comparison) is the caller's, passed in as
+functions (``run.py`` passes those of :mod:`figures`): the pipeline does not import ``figures``.
+A model that fails (not hosted, refused, out of
 memory) is reported in one ``error:`` line and the others go on; the exit status is non-zero
 when any failed. With ``--remote --dry-run`` each model's plan is printed, then the total.
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 import sys
 from dataclasses import replace
 from pathlib import Path
+from typing import Callable
 
 from ..errors import UserError
 from ..mechanisms.plan import PlanError
@@ -42,9 +45,14 @@ def model_outputs(cfg: JobConfig, models: list[str]) -> dict[str, Path]:
     return {m: root / default_out(m).name for m in models}
 
 
-def run_models(cfg: JobConfig, spec: str) -> int:
+def run_models(cfg: JobConfig, spec: str, render: Callable[[Path], object] | None = None,
+               compare: Callable[[list[Path], Path], object] | None = None) -> int:
     """Run ``cfg`` for each model of the comma list ``spec``; returns the exit status (0: all
-    ran; 1: some failed; 2: all failed). Failures are printed as one ``error:`` line each."""
+    ran; 1: some failed; 2: all failed). Failures are printed as one ``error:`` line each.
+
+    ``render(out)``: draws a run's figures after its job, when the job evaluated
+    (:attr:`JobConfig.evaluates`); a failure there is that model's. ``compare(runs, out)``:
+    compares the runs that finished, into ``<root>/compare``."""
     models = split_models(spec)
     outputs = model_outputs(cfg, models)
     root = next(iter(outputs.values())).parent
@@ -57,6 +65,8 @@ def run_models(cfg: JobConfig, spec: str) -> int:
         report: dict = {}
         try:
             run_job(replace(cfg, model=model, out=str(out)), report)
+            if render is not None and cfg.evaluates:
+                render(out)
         except KeyboardInterrupt:
             raise
         except Exception as err:  # noqa: BLE001 -- one model's failure must not stop the others
@@ -71,10 +81,8 @@ def run_models(cfg: JobConfig, spec: str) -> int:
     if cfg.dry_run:
         if plans:
             print(dry_run_total(plans))
-    elif finished:
-        from figures.compare import compare_runs
-
-        compare_runs(finished, root / COMPARE_DIR)
+    elif finished and compare is not None:
+        compare(finished, root / COMPARE_DIR)
         print(f"[af1] comparison of {len(finished)} run{'s' if len(finished) > 1 else ''} in "
               f"{root / COMPARE_DIR}/ (compare.md, compare.json, figures)", flush=True)
     if failed:

@@ -6,11 +6,11 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from ..mechanisms.plan import AF1Plan, as_intervention, table_layers
-from .experiments import NEEDS_CONFIG
+from .experiments import NEEDS_CONFIG, PROBE_TASK, evaluation_plan
 from .results import cell_key
 
 if TYPE_CHECKING:
-    from .jobs import Job
+    from .state import Job
     from .taskrun import TaskRun
 
 
@@ -61,7 +61,6 @@ def dry_run(job: Job, main_runs, extra_runs, plans, fixed_config) -> str:
     writes and sends nothing. The plan (a ``RemotePlan``) is kept as ``job.remote_plan``."""
     from ..executors.remote.dryrun import PlannedTask, plan_remote_job
     from ..mechanisms.cama import cama_cache_path
-    from .jobs import PROBE_TASK, evaluation_plan
     from .results import read_results
 
     done = set()
@@ -111,8 +110,6 @@ def dry_run(job: Job, main_runs, extra_runs, plans, fixed_config) -> str:
 def submit(job: Job, main_runs: list[TaskRun], plans: list[AF1Plan]) -> None:
     """Build the CAMA tables (waiting), then submit every sweep/necessity request without
     waiting; the job ids stay in ``<out>/remote``. Rerunning without ``--submit`` collects."""
-    from .jobs import evaluation_plan
-
     jobs = []
     experiments = [e for e in job.experiments if e in ("sweep", "necessity")]
     for _, run, cells in evaluation_plan(experiments, main_runs, {}, plans, job.model.n_layers,

@@ -14,8 +14,9 @@ gets ``<task>-<style>~<fingerprint>``, its own saved data set, search and figure
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -27,14 +28,46 @@ from ..executors.reference import NnsightExecutor
 from ..mechanisms.cama import CamaTable, cached_cama_table, sparse_keys_warning
 from ..mechanisms.plan import as_intervention, table_layers
 from .experiments import Cell
-from .results import cell_key, dataset_name, setting_name, setting_of
+from .results import ResultsLog, cell_key, dataset_name, setting_name, setting_of
 from .scoring import DataOutcomes, stored
 from .stats import proportion_ci
 
 if TYPE_CHECKING:
-    from .jobs import Job
+    from ..executors.remote.client import RemoteClient
+    from ..mechanisms.models import AF1Model
 
 EXECUTORS = {"fast": FastExecutor, "nnsight": NnsightExecutor}
+
+
+@dataclass
+class TaskContext:
+    """What a :class:`TaskRun` reads from its job, and where it writes.
+
+    Reads: the model, the job's flags that shape an evaluation, the output and cache
+    directories, the setting every row is measured in, the results on record (``log``) and the
+    remote client (``None``: the local executors). Writes: results rows (``log``), saved data sets
+    under ``out/data``, the names of data sets it registers (``dataset_names``), its time
+    building CAMA tables (``timings["cama_s"]``), and the manifest through ``record_task`` (a
+    task's manifest entry, by name) and ``record_remote`` (the remote client's statistics).
+    ``log`` and ``client`` are set by the job once its output directory exists.
+    """
+
+    model: "AF1Model"
+    out: Path
+    cache_root: Path
+    setting: dict  # dtype, attention implementation and backend of every row
+    answer_scoring: str  # --answer
+    executor: str  # --executor
+    batch_size: int
+    cells_per_request: int
+    seed: int
+    progress: bool
+    record_task: Callable[[str, dict], None]
+    record_remote: Callable[[], None]
+    dataset_names: dict[str, str | None] = field(default_factory=dict)  # name: fingerprint
+    timings: dict[str, float] = field(default_factory=dict)
+    log: ResultsLog | None = None
+    client: "RemoteClient | None" = None
 
 
 def check_input_ids(tokenizer, prompts, input_ids) -> None:
@@ -79,34 +112,35 @@ class TaskRun:
         prompt_of: ``(rows,)`` source prompt of each evaluated row under full scoring, else None.
     """
 
-    def __init__(self, build, job: "Job"):
+    def __init__(self, build, context: TaskContext):
         from tasks import cama_groups, expand_answer_prefixes, task_fingerprint
 
         self.build = build
-        self.job = job
+        self.context = context
+        model = context.model
         self.dataset = build.dataset
         self.task = build.task
         self.style = build.style
         self.label = f"{build.task}-{build.style}"
-        self.answer_scoring = job.cfg.answer
+        self.answer_scoring = context.answer_scoring
         self.evaluated = self.dataset
         self.prompt_of = None
         if self.answer_scoring == "full":
             try:
-                self.evaluated = expand_answer_prefixes(self.dataset, job.model.tokenizer)
+                self.evaluated = expand_answer_prefixes(self.dataset, model.tokenizer)
             except ValueError as err:
                 raise UserError(str(err)) from None
             self.prompt_of = np.asarray(self.evaluated["source_row"])
         self.prompts = self.evaluated["prompt"]
         self.answers = self.evaluated["answer_token_id"]
-        check_input_ids(job.model.tokenizer, self.prompts, self.evaluated["input_ids"])
-        check_context(job.model, self.label, self.evaluated["input_ids"], self.prompt_of)
+        check_input_ids(model.tokenizer, self.prompts, self.evaluated["input_ids"])
+        check_context(model, self.label, self.evaluated["input_ids"], self.prompt_of)
         self.fingerprint = task_fingerprint(self.evaluated)
         # CAMA groups: by template where the data set has several (tasks.cama_groups), else
         # one group (token length, part of every key, separates the rest).
         self.groups = cama_groups(self.evaluated)
         longest = max(map(len, self.evaluated["input_ids"]), default=0)  # checked just above
-        self.sink_outside_window = job.model.sink_outside_window(longest)
+        self.sink_outside_window = model.sink_outside_window(longest)
         if self.sink_outside_window:
             print(f"[af1] warning: {self.label}: {self.sink_outside_window}", flush=True)
         self._table: tuple[CamaTable, Path, bool] | None = None
@@ -123,19 +157,19 @@ class TaskRun:
         and cached; on NDIF only the layers needed (every built layer is downloaded)."""
         if self._table is not None and layers <= set(self._table[0].layers):
             return self._table[0]
-        job = self.job
+        context = self.context
         subset = None
         runner = None
-        if job.client is not None:
+        if context.client is not None:
             have = set(self._table[0].layers) if self._table else set()
             subset = sorted(layers | have)
             runner = self.executor.cama_runner()
         t = time.time()
-        self._table = cached_cama_table(job.model, self.prompts, self.fingerprint,
-                                        job.cache_root, batch_size=job.cfg.batch_size,
-                                        progress=job.cfg.progress, runner=runner, layers=subset,
+        self._table = cached_cama_table(context.model, self.prompts, self.fingerprint,
+                                        context.cache_root, batch_size=context.batch_size,
+                                        progress=context.progress, runner=runner, layers=subset,
                                         groups=self.groups)
-        job.timings["cama_s"] = job.timings.get("cama_s", 0.0) + time.time() - t
+        context.timings["cama_s"] = context.timings.get("cama_s", 0.0) + time.time() - t
         warning = sparse_keys_warning(self._table[0])
         if warning and not self._warned_sparse:  # once, though NDIF may build layers in turns
             self._warned_sparse = True
@@ -145,18 +179,18 @@ class TaskRun:
     @property
     def executor(self):
         if self._executor is None:
-            job = self.job
-            if job.client is not None:
+            context = self.context
+            if context.client is not None:
                 from ..executors.remote.executor import RemoteExecutor
 
-                self._executor = RemoteExecutor(job.model, self.prompts, self.answers,
-                                                batch_size=job.cfg.batch_size,
-                                                cells_per_request=job.cfg.cells_per_request,
-                                                client=job.client, groups=self.groups)
+                self._executor = RemoteExecutor(context.model, self.prompts, self.answers,
+                                                batch_size=context.batch_size,
+                                                cells_per_request=context.cells_per_request,
+                                                client=context.client, groups=self.groups)
             else:
-                self._executor = EXECUTORS[job.cfg.executor](
-                    job.model, self.prompts, self.answers,
-                    batch_size=job.cfg.batch_size, groups=self.groups)
+                self._executor = EXECUTORS[context.executor](
+                    context.model, self.prompts, self.answers,
+                    batch_size=context.batch_size, groups=self.groups)
         return self._executor
 
     @property
@@ -164,7 +198,7 @@ class TaskRun:
         """The fields every results row of this task starts with: the task and the setting it
         is measured in (part of every row's identity, see :mod:`.results`)."""
         return {"task": self.task, "style": self.style, "dataset_fingerprint": self.fingerprint,
-                **self.job.setting, "answer_scoring": self.answer_scoring}
+                **self.context.setting, "answer_scoring": self.answer_scoring}
 
     @property
     def setting(self) -> dict:
@@ -176,9 +210,9 @@ class TaskRun:
         """This data set in this setting (:func:`~.results.dataset_name`): names its saved data
         set, manifest entry, AF1 search and figures; unique per data set in the directory."""
         if self._name is None:
-            registered = self.job.dataset_names
+            registered = self.context.dataset_names
             plain = setting_name(self.label, self.setting)
-            saved = self.job.out / "data" / plain
+            saved = self.context.out / "data" / plain
             if plain not in registered and saved.is_dir():  # saved, yet not in the manifest
                 from tasks import load_task, task_fingerprint
 
@@ -189,8 +223,8 @@ class TaskRun:
     def items(self, cells: list[Cell]) -> list[tuple]:
         """``(cell, plan, cama_layer)`` for the cells not yet in the results."""
         todo = [c for c in cells
-                if cell_key({**self.row_base, **c.row_fields()}) not in self.job.log]
-        n_layers = self.job.model.n_layers
+                if cell_key({**self.row_base, **c.row_fields()}) not in self.context.log]
+        n_layers = self.context.model.n_layers
         interventions = [as_intervention(c.intervention, n_layers) for c in todo]
         needed = table_layers(interventions)
         table = self.table_for(needed) if needed else None
@@ -204,7 +238,7 @@ class TaskRun:
             from tasks import save_task
 
             self._full = self.executor.clean()
-            target = self.job.out / self.data_dir
+            target = self.context.out / self.data_dir
             if not target.exists():  # else it holds this data set (its name says so)
                 full_ok = (self._full.pred_ids == self.answers).tolist()
                 saved = (self.evaluated.add_column("full_pred_id", self._full.pred_ids.tolist())
@@ -267,19 +301,19 @@ class TaskRun:
             table, path, cached = self._table
             entry.update(cama_table=str(path), cama_table_was_cached=cached,
                          cama_layers=table.layers, cama_keys=table.statistics)
-        self.job.manifest["tasks"][self.name] = entry
-        self.job.save_manifest()
+        self.context.record_task(self.name, entry)
 
     def evaluate(self, cells: list[Cell], desc: str) -> int:
         """Evaluate the cells not yet in the results; append one row per finished cell."""
-        log = self.job.log
+        context = self.context
+        log = context.log
         items = self.items(cells)
         if not items:
             return 0
         outcomes = self.outcomes
         self.record()
         bar = tqdm(total=len(items), desc=f"{desc} {self.label}", unit="cell",
-                   disable=not self.job.cfg.progress)
+                   disable=not context.progress)
         started = time.time()
         for cell, preds in self.executor.run_many(items):
             # Per evaluated row, as the numbers are recomputed from the file (scoring.py).
@@ -287,16 +321,15 @@ class TaskRun:
                        "answer_logprobs": stored(preds.answer_logprobs),
                        "kl_rows": stored(preds.kl_from_clean)}
             row = {**self.row_base, **cell.row_fields(),
-                   **outcomes.measure({**self.row_base, **per_row}, self.job.cfg.seed),
+                   **outcomes.measure({**self.row_base, **per_row}, context.seed),
                    "executor": self.executor.name,
-                   "model_fingerprint": self.job.model.identity.fingerprint,
+                   "model_fingerprint": context.model.identity.fingerprint,
                    "seconds": round(time.time() - started, 4), **per_row}
             started = time.time()
             log.append(row)
             bar.update()
             bar.set_postfix(faith=f"{row['faithfulness'] or 0:.2f}")
         bar.close()
-        if self.job.client is not None:
-            self.job.manifest["remote"] = self.job.client.stats.to_dict()
-            self.job.save_manifest()
+        if context.client is not None:
+            context.record_remote()
         return len(items)
