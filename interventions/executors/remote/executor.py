@@ -456,13 +456,13 @@ def load_remote_model(spec: str, *, revision: str | None = None, dtype: str = "b
     from transformers import AutoConfig, AutoTokenizer
 
     from ...mechanisms.adapters import check_attention
-    from ...mechanisms.models import (DTYPES, AF1Model, ModelIdentity, _first_line, _locate,
-                                      _weights_sha256, architecture_and_attention, left_padding)
+    from ...mechanisms.models import (DTYPES, AF1Model, ModelIdentity, architecture_and_attention,
+                                      first_line, left_padding, locate_model, weights_sha256)
 
     check_attention(attn_implementation)
     if dtype not in DTYPES:
         raise UserError(f"unknown dtype {dtype!r}; use {', '.join(DTYPES)}")
-    source, location = _locate(spec)
+    source, location = locate_model(spec)
     if source not in ("hub", "local"):
         raise UserError(f"remote runs need a Hub id (NDIF serves Hub checkpoints), not "
                         f"{spec!r}")
@@ -476,7 +476,7 @@ def load_remote_model(spec: str, *, revision: str | None = None, dtype: str = "b
                                    tokenizer=tokenizer, dtype=DTYPES[dtype],
                                    attn_implementation=attn_implementation)
     except OSError as err:
-        raise UserError(f"cannot load the config of {spec!r}: {_first_line(err)}") from None
+        raise UserError(f"cannot load the config of {spec!r}: {first_line(err)}") from None
     hf = internals.wrapped_module(lm)
     config = hf.config
     left_padding(tokenizer)
@@ -485,7 +485,7 @@ def load_remote_model(spec: str, *, revision: str | None = None, dtype: str = "b
         model_id=spec if source == "hub" else str(Path(location).resolve()),
         revision=(getattr(config, "_commit_hash", None) or revision or "main")
         if source == "hub" else None,
-        weights_sha256=None if source == "hub" else _weights_sha256(Path(location)),
+        weights_sha256=None if source == "hub" else weights_sha256(Path(location)),
         architecture=config.model_type, n_layers=len(adapter.layer_modules(hf)), dtype=dtype,
         device="ndif", attn_implementation=config._attn_implementation)
     return AF1Model(lm, hf, tokenizer, adapter, identity)
