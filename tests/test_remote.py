@@ -18,8 +18,7 @@ import pytest
 import torch
 from conftest import wrap_tiny
 from remote_helpers import (N_LAYERS, Recording, af1_cells, arithmetic, assert_same,
-                            assert_tables_close, data, intervention_of, llama,  # noqa: F401
-                            llama_reference, llama_table, ndif_installed, quiet_client,
+                            assert_tables_close, intervention_of, ndif_installed, quiet_client,
                             trusted)
 
 import tiny

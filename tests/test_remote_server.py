@@ -17,9 +17,9 @@ import pytest
 import torch
 from conftest import wrap_tiny
 from nnsight import save
-from remote_helpers import (N_LAYERS, WorkerTransport, arithmetic, assert_same,  # noqa: F401
-                            assert_tables_close, data, intervention_of, llama, needs_ndif,
-                            quiet_client, trusted)
+from remote_helpers import (N_LAYERS, WorkerTransport, arithmetic, assert_same,
+                            assert_tables_close, intervention_of, needs_ndif, quiet_client,
+                            trusted)
 
 import tiny
 from interventions import (AF1Plan, NnsightExecutor, UserError, build_cama_table,
