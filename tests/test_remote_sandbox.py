@@ -33,7 +33,7 @@ def sandbox(llama):
 
 def test_the_sandbox_is_ndifs_own_and_the_default(sandbox):
     assert (sandbox.server_path, sandbox.server_code) == ("sandbox", "ndif 0.1.2")
-    server = internals.wrapped_module(sandbox.server_lm)
+    server = internals.wrapped_module(sandbox.actor.lm)
     assert not any(p.requires_grad for p in server.parameters())  # as NDIF's actor loads it
 
 
