@@ -3,8 +3,7 @@
 AF1 needs a few things nnsight does not export: the batch bookkeeping of the running invoke
 (for per-invoke masks), the request plumbing of its remote backend (to send an already
 serialized request and keep the raw result bytes), and, for the offline server, nnsight's
-source caches (a server process starts with them empty) and, where NDIF's own package is not
-installed, the save set and trace depth its worker manages. Every such name is used here and
+source caches (a server process starts with them empty). Every such name is used here and
 nowhere else (``tests/test_remote_server.py`` checks it), so an nnsight upgrade has one file to
 re-check. Importing this module refuses no nnsight: NDIF decides which version it serves, and
 preflight compares the two (an nnsight outside :data:`TESTED_NNSIGHT` only warns here).
@@ -22,7 +21,6 @@ import contextlib
 import importlib.abc
 import importlib.metadata
 import json
-import linecache
 import os
 import re
 import sys
@@ -68,9 +66,8 @@ from nnsight.intervention.backends.remote import RemoteBackend, RemoteError  # n
 from nnsight.schema.request import RequestModel  # noqa: E402
 
 __all__ = ["PINNED_NNSIGHT", "TESTED_NNSIGHT", "RemoteError", "RequestModel", "BlobBackend",
-           "SilentConnection",
-           "apply_env", "current_batch_group", "execute_traced", "forget_sources",
-           "hide_project_modules", "isolated_source_cache", "model_key",
+           "SilentConnection", "apply_env", "block_locals", "cancel_interleaving",
+           "current_batch_group", "forget_sources", "hide_project_modules", "model_key",
            "model_key_of_checkpoint", "nnsight_version",
            "persistent_objects", "prepare_env", "project_roots", "request_env", "return_saves",
            "warn_outside_tested_range", "within_tested_range", "wrapped_module"]
@@ -79,15 +76,16 @@ __all__ = ["PINNED_NNSIGHT", "TESTED_NNSIGHT", "RemoteError", "RequestModel", "B
 # -- inside a trace (shipped by value) ------------------------------------------------------
 
 
-def current_batch_group(interleaver):
-    """``(start, total)`` rows of the running invoke when several invokes share the forward,
-    else ``None``.
+def current_batch_group(root):
+    """``(start, total)`` rows of the running invoke when several invokes share the forward of
+    the model whose root envoy is ``root``, else ``None``.
 
-    Read from the running mediators only (no ``interleaver.batcher``: NDIF's sandbox runner
-    interleaves without one). The mediator class is reached through ``interleaver`` rather
-    than imported, so a request names no nnsight module beyond what the server resolves anyway.
+    Read from the running mediators of its interleaver only (no ``interleaver.batcher``: NDIF's
+    sandbox runner interleaves without one). The mediator class is reached through the
+    interleaver rather than imported, so a request names no nnsight module beyond what the
+    server resolves anyway.
     """
-    mediators = interleaver.mediators
+    mediators = root.interleaver.mediators
     if not mediators:
         return None
     mediator = type(mediators[0]).current("the attention mask")
@@ -101,6 +99,18 @@ def current_batch_group(interleaver):
 
 
 # -- models ----------------------------------------------------------------------------------
+
+
+def cancel_interleaving(lm) -> None:
+    """Stop whatever a request left running in ``lm``'s interleaver (NDIF's cleanup after
+    every request, ``model.interleaver.cancel()``)."""
+    lm.interleaver.cancel()
+
+
+def block_locals(tracer) -> dict:
+    """The local variables of the frame a traced block ran in (where nnsight's backends put
+    the saved values back)."""
+    return tracer.info.frame.f_locals
 
 
 def wrapped_module(lm):
@@ -233,7 +243,7 @@ class BlobBackend(RemoteBackend):
         return super().finalize(content)
 
 
-# -- the server side of a request (NDIF's code, or the stand-in) ------------------------------
+# -- the server side of a request (NDIF's code) -------------------------------------------------
 
 
 def _installed(path: str | None) -> bool:
@@ -295,44 +305,13 @@ def forget_sources() -> None:
 
     In-process, the client's own capture has cached its real files there; a server looks its
     nested traces up in the shipped (re-formatted) source instead. Call it only inside a scope
-    that restores the caches afterwards (NDIF's ``block_scope`` or :func:`isolated_source_cache`),
-    or the client's next capture would read the shipped text.
+    that restores the caches afterwards (NDIF's ``block_scope``), or the client's next capture
+    would read the shipped text.
     """
     from nnsight.tracing.globals import BLOCKS, SOURCES
 
     SOURCES.clear()
     BLOCKS.clear()
-
-
-@contextlib.contextmanager
-def isolated_source_cache():
-    """The stand-in for NDIF's ``block_scope``: confine nnsight's source caches (and
-    ``linecache``) to one request. Deserializing registers the block's source under the
-    client's filename, and nested traces memoize what they parse."""
-    from nnsight.tracing.globals import BLOCKS, SOURCES
-
-    snapshot = dict(linecache.cache), dict(SOURCES), dict(BLOCKS)
-    try:
-        yield
-    finally:
-        for cache, state in zip((linecache.cache, SOURCES, BLOCKS), snapshot):
-            cache.clear()
-            cache.update(state)
-
-
-def execute_traced(tracer) -> dict:
-    """The stand-in for NDIF's ``execute_traced_block``: run a deserialized request's block and
-    return the values it saved (by name)."""
-    from nnsight.tracing.tracer import _saves, dec, inc
-
-    frame = tracer.info.frame
-    inc()
-    try:
-        tracer.execute(tracer.info.code)
-        saved = _saves()
-        return {name: value for name, value in frame.f_locals.items() if id(value) in saved}
-    finally:
-        dec()
 
 
 # Shipped by value with requests (``current_batch_group`` runs inside traces on the server).

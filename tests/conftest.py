@@ -39,3 +39,39 @@ def wrap_tiny(arch, tokenizer, attn="eager", seed=0, n_layers=4):
 
     hf = tiny.tiny_hf_model(arch, tokenizer, attn, seed=seed, n_layers=n_layers)
     return wrap_model(hf, tokenizer)
+
+
+# -- shared by the remote tests (test_remote*.py): a tiny llama, its data set, table and the local
+# path's predictions (each module builds its own: tests change the model's state)
+
+
+@pytest.fixture(scope="module")
+def llama(digit_tok):
+    return wrap_tiny("llama", digit_tok, "sdpa")
+
+
+@pytest.fixture(scope="module")
+def data(digit_tok):
+    from remote_helpers import arithmetic
+
+    return arithmetic(digit_tok)
+
+
+@pytest.fixture(scope="module")
+def llama_table(llama, data):
+    from interventions import build_cama_table
+
+    return build_cama_table(llama, data[0], "fp", batch_size=8, progress=False)
+
+
+@pytest.fixture(scope="module")
+def llama_reference(llama, data, llama_table):
+    """The local path's predictions for every cell of :func:`remote_helpers.af1_cells` (and
+    ``"clean"``)."""
+    from interventions import NnsightExecutor
+    from remote_helpers import af1_cells
+
+    local = NnsightExecutor(llama, *data, batch_size=8)
+    reference = {tag: local.run(plan, cama) for tag, plan, cama in af1_cells(llama_table)}
+    reference["clean"] = local.clean()
+    return reference

@@ -1,7 +1,7 @@
 """Shared by the remote tests (test_remote*.py): data, cells, comparisons, transports that
 record or fail on purpose, and the separate-process NDIF worker (remote_worker.py).
 
-Fixtures are imported by the test modules that use them.
+Their fixtures (``llama``, ``data``, ``llama_table``, ``llama_reference``) are in conftest.py.
 """
 
 import json
@@ -13,10 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import wrap_tiny
 from nnsight.intervention.backends.remote import RemoteError
 
-from interventions import AF1Plan, NnsightExecutor, build_cama_table
+from interventions import AF1Plan
 from interventions.executors.remote.client import RemoteClient
 from interventions.executors.remote.transport import LocalTransport
 from interventions.mechanisms.plan import Intervention
@@ -178,30 +177,3 @@ class WorkerTransport:
         self.proc.stdin.close()
         self.proc.wait(timeout=60)
         self.log.close()
-
-
-# -- fixtures (imported by the test modules) -------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def llama(digit_tok):
-    return wrap_tiny("llama", digit_tok, "sdpa")
-
-
-@pytest.fixture(scope="module")
-def data(digit_tok):
-    return arithmetic(digit_tok)
-
-
-@pytest.fixture(scope="module")
-def llama_table(llama, data):
-    return build_cama_table(llama, data[0], "fp", batch_size=8, progress=False)
-
-
-@pytest.fixture(scope="module")
-def llama_reference(llama, data, llama_table):
-    """The local path's predictions for every cell of :func:`af1_cells` (and ``"clean"``)."""
-    local = NnsightExecutor(llama, *data, batch_size=8)
-    reference = {tag: local.run(plan, cama) for tag, plan, cama in af1_cells(llama_table)}
-    reference["clean"] = local.clean()
-    return reference

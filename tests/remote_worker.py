@@ -1,8 +1,9 @@
 """An NDIF worker in a process of its own, for tests: NDIF's own request execution through the
-library's model actor (``interventions/executors/remote/ndif_server.py``: the model loaded from its
-key as NDIF's actor loads it, the per-request environment applied, ``prepare_traced_block`` /
-``execute_traced_block`` inside ``block_scope``, the result encoded as NDIF encodes it), on
-NDIF's trusted path. The project cannot be imported here: that file and
+library's model actor, the same glue the library's local backend uses
+(``interventions/executors/remote/ndif_server.py``, ``ModelActor.load`` / ``respond``: the model
+loaded from its key as NDIF's actor loads it, the per-request environment applied,
+``prepare_traced_block`` / ``execute_traced_block`` inside ``block_scope``, the result encoded as
+NDIF encodes it), on NDIF's trusted path. The project cannot be imported here: that file and
 ``interventions/nnsight_internals.py``, both free of project imports, are loaded by path.
 
 ``--keep-source-cache`` leaves out ``block_scope``: an older NDIF whose worker never resets
@@ -59,11 +60,6 @@ def load_by_path(name: str, path: Path):
 
 def serve(checkpoint: str, attn_implementation: str, dtype: str, keep_source_cache: bool) -> None:
     try:
-        import ndif.services.ray.deployments.modeling.nns  # noqa: F401
-    except ImportError as err:
-        print(f"unavailable {err}", flush=True)
-        return
-    try:
         import interventions  # noqa: F401
 
         project = "importable"
@@ -71,20 +67,23 @@ def serve(checkpoint: str, attn_implementation: str, dtype: str, keep_source_cac
         project = "not-importable"
     internals = load_by_path("nnsight_internals", LIBRARY / "nnsight_internals.py")
     server = load_by_path("ndif_server", LIBRARY / "executors" / "remote" / "ndif_server.py")
+    missing = server.ndif_missing()
+    if missing is not None:
+        print(f"unavailable {missing}", flush=True)
+        return
     model_key = internals.model_key_of_checkpoint(checkpoint)
-    actor = server.ModelActor(server.load_server_model(model_key, getattr(torch, dtype)),
-                              "trusted", model_key, isolate=False,
-                              keep_source_cache=keep_source_cache)
+    actor = server.ModelActor.load(model_key, getattr(torch, dtype), "trusted", isolate=False,
+                                   keep_source_cache=keep_source_cache)
     env = {"attn_implementation": attn_implementation}
     print(f"ready {project}", flush=True)
     for line in sys.stdin:
         request_path, result_path, compress = line.split()
         try:
-            content = actor.run(Path(request_path).read_bytes(), compress == "1", env)
+            content = actor.respond(Path(request_path).read_bytes(), compress == "1", env)
             Path(result_path).write_bytes(content)
             answer = {"ok": True}
-        except Exception as err:  # noqa: BLE001 - reported to the client as NDIF reports it
-            answer = {"ok": False, "error": actor.error_text(err)}
+        except internals.RemoteError as err:  # the job's ERROR message, as NDIF sends it
+            answer = {"ok": False, "error": str(err)}
         print(json.dumps(answer), flush=True)
 
 

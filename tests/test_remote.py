@@ -1,6 +1,6 @@
 """The remote (NDIF) path, offline: requests are serialized exactly as for NDIF and executed by
-NDIF's own request execution in this process with the project hidden (the ``ndif`` package; the
-project's stand-in where it is not installed), and must give what the local path gives.
+NDIF's own request execution in this process with the project hidden (the ``ndif`` package),
+and must give what the local path gives.
 
 Also: what requests carry (the server's import rules, CAMA uploads), the local server's result
 format and import rules, preflight decisions on canned NDIF answers, the dry run. Faults are in
@@ -18,9 +18,7 @@ import pytest
 import torch
 from conftest import wrap_tiny
 from remote_helpers import (N_LAYERS, Recording, af1_cells, arithmetic, assert_same,
-                            assert_tables_close, data, intervention_of, llama,  # noqa: F401
-                            llama_reference, llama_table, ndif_installed, quiet_client,
-                            trusted)
+                            assert_tables_close, intervention_of, quiet_client, trusted)
 
 import tiny
 from interventions import (AF1Plan, NnsightExecutor, UserError, apply_af1, build_cama_table,
@@ -28,14 +26,14 @@ from interventions import (AF1Plan, NnsightExecutor, UserError, apply_af1, build
 from interventions import nnsight_internals as internals
 from interventions.executors.remote.audit import audit_request
 from interventions.executors.remote.client import RemoteRunError
-from interventions.executors.remote.dryrun import PlannedTask, _Capture, plan_remote_job
+from interventions.executors.remote.dryrun import (MeasuringTransport, PlannedTask,
+                                                   measure_remote_job)
 from interventions.executors.remote.executor import RemoteExecutor, load_remote_model
 from interventions.executors.remote.preflight import (KEY_URL, NdifAnswers, closest_model,
                                                       fetch_ndif_answers, preflight,
                                                       preflight_decision)
 from interventions.executors.remote.selfcheck import run_self_check
-from interventions.executors.remote.transport import (LocalTransport, decode_result,
-                                                      package_version)
+from interventions.executors.remote.transport import decode_result, package_version
 from interventions.nnsight_internals import RemoteError, within_tested_range
 from interventions.mechanisms.plan import Intervention
 
@@ -55,8 +53,7 @@ def test_remote_path_equals_local_path(arch, attn, digit_tok):
     local_table = build_cama_table(model, prompts, "fp", layers, batch_size=8, progress=False)
 
     client, _ = quiet_client(model, Recording(trusted(model)))
-    assert trusted(model).server_code == (
-        "ndif 0.1.2" if ndif_installed() else "stand-in")
+    assert client.transport.inner.server_code == "ndif 0.1.2"
     remote = RemoteExecutor(model, prompts, answers, batch_size=8, cells_per_request=6,
                             client=client)
     remote_table = build_cama_table(model, prompts, "fp", layers, batch_size=8, progress=False,
@@ -75,25 +72,16 @@ def test_remote_path_equals_local_path(arch, attn, digit_tok):
     assert client.transport.calls["send"] == len(client.stats.requests)
 
 
-def test_without_ndif_the_stand_in_server_gives_the_same_results(monkeypatch, capsys, llama,
-                                                                 data, llama_table,
-                                                                 llama_reference):
-    from interventions.executors.remote import transport
-
-    monkeypatch.setattr(transport, "_NDIF", [])
+def test_without_ndif_the_local_backend_is_one_error_line_with_the_install_command(
+        monkeypatch, llama):
     for name in ["ndif"] + [m for m in sys.modules if m.startswith("ndif.")]:
         monkeypatch.setitem(sys.modules, name, None)  # as if it were not installed
-    local = trusted(llama)
-    assert local.server_code == "stand-in"
-    (notice,) = capsys.readouterr().out.splitlines()  # said once, in one line
-    assert "NDIF's server code is not importable" in notice and "ndif==0.1.2" in notice
-    client, _ = quiet_client(llama, local)
-    remote = RemoteExecutor(llama, *data, batch_size=8, cells_per_request=8, client=client)
-    cells = af1_cells(llama_table)[:8]
-    got = dict(remote.run_many(cells))
-    for tag, _, _ in cells:
-        assert_same(llama_reference[tag], got[tag])
-    assert capsys.readouterr().out == ""
+    with pytest.raises(UserError) as raised:
+        trusted(llama)
+    message = str(raised.value)
+    assert "\n" not in message and message.startswith("--remote-backend local runs NDIF's own")
+    assert message.endswith("install it with: pip install --no-deps --ignore-requires-python "
+                            "ndif==0.1.2")
 
 
 def test_nnsights_own_remote_local_backend_runs_the_same_requests(llama, data, llama_table,
@@ -106,7 +94,7 @@ def test_nnsights_own_remote_local_backend_runs_the_same_requests(llama, data, l
     class Simulation(LocalSimulationBackend):
         def __call__(self, tracer):
             super().__call__(tracer)  # pushes the saves into the caller's frame
-            self.result = {"result": tracer.info.frame.f_locals["result"]}
+            self.result = {"result": internals.block_locals(tracer)["result"]}
 
     cells = af1_cells(llama_table)
     client, _ = quiet_client(llama, trusted(llama))
@@ -176,15 +164,18 @@ def _sneaky(x):
 def test_audit_flags_imports_the_server_refuses(llama):
     import os
 
-    capture = _Capture()
+    transport = Recording(MeasuringTransport())
+    client, _ = quiet_client(llama, transport, compress=False)
     module = sys.modules[__name__]
     cloudpickle.register_pickle_by_value(module)
     try:
-        with llama.lm.session(backend=capture):
+        with llama.lm.session(backend=client.backend("test", "sneaky")):
             value = _sneaky(os.getcwd())
     finally:
         cloudpickle.unregister_pickle_by_value(module)
-    audit = audit_request(capture.blob)
+    (blob,) = transport.blobs
+    audit = audit_request(blob)
+    assert transport.inner.measured[0].violations == audit.violations  # what a dry run says
     assert "os.<module>" in audit.violations
     assert "import subprocess" in audit.violations
     assert "subprocess" in audit.imports
@@ -493,23 +484,23 @@ def test_a_dry_run_needs_neither_a_key_nor_a_reachable_ndif():
 
 @pytest.mark.parametrize("split", [False, True])
 def test_dry_run_plans_exactly_the_requests_a_run_sends(llama, data, split):
-    """Same requests (kind, configurations, traces) and sizes as the run, the self-check
-    included; with a byte budget just under the largest request, both split it alike."""
+    """Same requests (kind, label, configurations, traces, bytes up) as the run, the
+    self-check included; with a byte budget just under the largest request, both split it
+    alike. Downloads are estimated from the saved tensors' sizes."""
     prompts, answers = data
     plans = [AF1Plan(w, t) for w in range(N_LAYERS) for t in (1, 2) if w + t <= N_LAYERS]
     necessity = [Intervention({k: ("sink_self", "all")}) for k in range(N_LAYERS)]
     layers = sorted({p.l_wait for p in plans if p.l_wait > 0})
-    task = PlannedTask("A+B", prompts, plans + necessity, layers)
+    task = PlannedTask("A+B", prompts, plans + necessity, layers, answer_ids=answers)
     budget = None
     if split:
-        whole = plan_remote_job(llama, [task], batch_size=8, cells_per_request=5,
-                                max_request_bytes=None, self_check_prompts=prompts)
-        # Under the largest request by more than pickling bookkeeping (below), and no request
-        # as close to it, so the plan and the run cannot fall on different sides of it.
+        whole = measure_remote_job(llama, [task], batch_size=8, cells_per_request=5,
+                                   max_request_bytes=None, self_check_prompts=prompts)
+        # Under the largest request, and no request close to it.
         budget = max(r.bytes_up for r in whole.requests) - 300
         assert all(abs(r.bytes_up - budget) > 100 for r in whole.requests)
-    plan = plan_remote_job(llama, [task], batch_size=8, cells_per_request=5,
-                           max_request_bytes=budget, self_check_prompts=prompts)
+    plan = measure_remote_job(llama, [task], batch_size=8, cells_per_request=5,
+                              max_request_bytes=budget, self_check_prompts=prompts)
     text = str(plan)
     assert text.splitlines()[-1] == "nothing was sent"
     n = len(plan.requests)
@@ -527,11 +518,11 @@ def test_dry_run_plans_exactly_the_requests_a_run_sends(llama, data, split):
     list(remote.run_many([(p, p, table.for_intervention(p.intervention(N_LAYERS)))
                           for p in plans] + [(iv, iv, None) for iv in necessity]))
     sent = client.stats.requests
-    assert [(r.kind, r.cells, r.traces) for r in plan.requests] == \
-        [(r.kind, r.cells, r.traces) for r in sent]
+    # The executor made the dry run's requests: the same requests, byte for byte in size
+    # (serialized as sent, uncompressed; a dry run's CAMA means are zeros of the same shape).
+    assert [(r.kind, r.label, r.cells, r.traces, r.bytes_up) for r in plan.requests] == \
+        [(r.kind, r.label, r.cells, r.traces, r.bytes_up) for r in sent]
     for planned, actual in zip(plan.requests, sent):
-        # serialized as it is sent (uncompressed); pickling bookkeeping varies by a few bytes
-        assert abs(planned.bytes_up - actual.bytes_up) <= 64
         assert abs(planned.bytes_down - actual.bytes_down) <= 0.05 * actual.bytes_down + 200
         assert planned.violations == []
         assert budget is None or actual.bytes_up <= budget

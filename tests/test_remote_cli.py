@@ -78,9 +78,13 @@ def test_dry_run_plans_the_requests_the_run_sends_and_writes_nothing(tiny_dir, t
     total = next(line for line in text.splitlines() if line.startswith("total:"))
     planned = int(total.split()[1])
     assert cli(capsys, *args, "--out", out)[0] == 0
-    sent = json.loads((out / "manifest.json").read_text())["remote"]["n_requests"]
+    stats = json.loads((out / "manifest.json").read_text())["remote"]
     # the self-check + 1 CAMA build + ceil(7/4) sweep + ceil(6/4) alternatives requests
-    assert planned == sent == 1 + 1 + 2 + 2
+    assert planned == stats["n_requests"] == 1 + 1 + 2 + 2
+    rows = [re.match(r"\s+\d+\s+(\w+)\s+\S+\s+(.+?)\s+(\d+)\s+(\d+)\s+[\d.]+ \w?B\s+[\d.]+ \w?B$",
+                     line) for line in text.splitlines() if re.match(r"\s+\d+\s", line)]
+    assert [(m[1], m[2], int(m[3]), int(m[4])) for m in rows] == \
+        [(r["kind"], r["label"], r["cells"], r["traces"]) for r in stats["requests"]]
     assert ("preflight: not needed (--remote-backend local: the server is this process)"
             in text.splitlines())
 
@@ -120,6 +124,22 @@ def test_submit_then_rerun_collects_into_the_same_results(tiny_dir, tmp_path, ca
     assert not (tmp_path / "o" / "results.jsonl").exists()
     assert cli(capsys, *args)[0] == 0
     assert len(read_results(tmp_path / "o" / "results.jsonl")) == 7
+
+
+def test_the_local_backend_without_ndif_is_one_error_line_and_a_dry_run_still_works(
+        tiny_dir, tmp_path, capsys, monkeypatch):
+    import sys
+
+    for name in ["ndif"] + [m for m in sys.modules if m.startswith("ndif.")]:
+        monkeypatch.setitem(sys.modules, name, None)  # as if it were not installed
+    args = ["--model", tiny_dir, *GRID, "--remote", "--remote-backend", "local", "--out",
+            tmp_path / "o"]
+    code, _, err = cli(capsys, *args)
+    assert code == 2 and err.count("\n") == 1 and err.startswith("error: --remote-backend local")
+    assert err.rstrip().endswith("pip install --no-deps --ignore-requires-python ndif==0.1.2")
+    assert not (tmp_path / "o").exists()
+    code, text, err = cli(capsys, *args, "--dry-run")
+    assert code == 0 and "nothing was sent" in text, err
 
 
 def test_remote_flags_without_remote_are_refused(tiny_dir, tmp_path, capsys):

@@ -11,8 +11,7 @@ import threading
 import httpx
 import pytest
 from nnsight.intervention.backends.remote import RemoteError
-from remote_helpers import (Recording, af1_cells, assert_same, data, llama,  # noqa: F401
-                            llama_reference, llama_table, quiet_client, trusted)
+from remote_helpers import (Recording, af1_cells, assert_same, quiet_client, trusted)
 
 from interventions import UserError
 from interventions.executors.remote.client import RemoteClient, RemoteRunError

@@ -11,9 +11,8 @@ One sandbox serves the module (runners are slow to start: each imports torch and
 import numpy as np
 import pytest
 import torch
-from remote_helpers import (N_LAYERS, af1_cells, arithmetic, assert_same,  # noqa: F401
-                            assert_tables_close, digit_prompts_with_templates, llama,
-                            needs_ndif, quiet_client)
+from remote_helpers import (N_LAYERS, af1_cells, arithmetic, assert_same, assert_tables_close,
+                            digit_prompts_with_templates, needs_ndif, quiet_client)
 
 from interventions import AF1Plan, NnsightExecutor, apply_af1, build_cama_table
 from interventions import nnsight_internals as internals
@@ -34,7 +33,7 @@ def sandbox(llama):
 
 def test_the_sandbox_is_ndifs_own_and_the_default(sandbox):
     assert (sandbox.server_path, sandbox.server_code) == ("sandbox", "ndif 0.1.2")
-    server = internals.wrapped_module(sandbox.server_lm)
+    server = internals.wrapped_module(sandbox.actor.lm)
     assert not any(p.requires_grad for p in server.parameters())  # as NDIF's actor loads it
 
 

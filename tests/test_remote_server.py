@@ -2,7 +2,7 @@
 the local path), a server that never resets nnsight's source caches (one trace site, content-
 addressed file name), NDIF's rejections, the lines of NDIF's model actor the library copies, the
 self-check on arrival (within a bound that follows from the dtype), and the one home of
-nnsight's private names. Every request kind through NDIF's sandbox: test_remote_sandbox.py.
+nnsight's internals. Every request kind through NDIF's sandbox: test_remote_sandbox.py.
 """
 
 import ast
@@ -17,9 +17,9 @@ import pytest
 import torch
 from conftest import wrap_tiny
 from nnsight import save
-from remote_helpers import (N_LAYERS, WorkerTransport, arithmetic, assert_same,  # noqa: F401
-                            assert_tables_close, data, intervention_of, llama, needs_ndif,
-                            quiet_client, trusted)
+from remote_helpers import (N_LAYERS, WorkerTransport, arithmetic, assert_same,
+                            assert_tables_close, intervention_of, needs_ndif, quiet_client,
+                            trusted)
 
 import tiny
 from interventions import (AF1Plan, NnsightExecutor, UserError, build_cama_table,
@@ -365,42 +365,114 @@ def test_the_self_check_catches_a_write_that_lands_elsewhere(monkeypatch, llama,
         check.check()
 
 
-# -- nnsight's private names have one home ---------------------------------------------------------
+# -- nnsight's internals have one home -------------------------------------------------------------
 
-# Names nnsight does not export that the remote path once used (issue 11 keeps them in
-# interventions/nnsight_internals.py): attributes, module-level names, and where they come from.
-PRIVATE_ATTRIBUTES = {"_hide_local_modules", "_saves", "_module", "current"}
-PRIVATE_NAMES = {"SOURCES", "BLOCKS", "_saves", "Mediator"}
-PRIVATE_IMPORTS = {("nnsight.tracing.tracer", "inc"), ("nnsight.tracing.tracer", "dec"),
-                   ("nnsight.tracing.tracer", "_saves"), ("nnsight.tracing.globals", "*")}
+# interventions/nnsight_internals.py is the one file that reaches into nnsight beyond its public
+# API. Elsewhere (interventions/, figures/, tasks/, run.py, tests/) the scan below refuses:
+# * an attribute nnsight keeps internal, though not all its names start with "_";
+# * in a file that imports nnsight, any attribute starting with "_" (not a dunder) that the
+#   project does not define itself (def/class _x, _x = ..., obj._x = ...), less FOREIGN_PRIVATE;
+# * an import of nnsight's internal modules, or of an underscore name from nnsight.
+NNSIGHT_INTERNALS = {"interleaver", "mediators", "current", "f_locals", "batcher", "_module",
+                     "_saves", "_hide_local_modules", "_ID_CACHE"}
+NNSIGHT_INTERNAL_PREFIXES = ("_remoteable_",)
+NNSIGHT_INTERNAL_MODULES = {"nnsight.tracing.globals", "nnsight.tracing.tracer"}
+# Underscore attributes of other libraries' objects, each with its reason.
+FOREIGN_PRIVATE = {
+    "_attn_implementation": "transformers' config: the attention implementation it resolved, "
+                            "recorded nowhere else",
+}
+SCANNED = ["interventions", "figures", "tasks", "run.py", "tests"]
 
 
-def private_uses(path: Path) -> list[str]:
-    """``"line: what"`` for every use of an nnsight private name in a Python file (code only:
-    comments and strings do not count)."""
+def scanned_files() -> list[Path]:
     found = []
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
-        if isinstance(node, ast.Attribute) and (node.attr in PRIVATE_ATTRIBUTES or
-                                                node.attr.startswith("_remoteable_")):
-            found.append(f"{node.lineno}: .{node.attr}")
-        elif isinstance(node, ast.Name) and node.id in PRIVATE_NAMES:
-            found.append(f"{node.lineno}: {node.id}")
-        elif isinstance(node, ast.ImportFrom) and node.module:
-            for alias in node.names:
-                if {(node.module, alias.name), (node.module, "*")} & PRIVATE_IMPORTS:
-                    found.append(f"{node.lineno}: from {node.module} import {alias.name}")
+    for name in SCANNED:
+        path = ROOT / name
+        found += [path] if path.is_file() else sorted(path.rglob("*.py"))
     return found
 
 
-def test_nnsights_private_names_are_used_only_in_nnsight_internals():
+def is_private(name: str) -> bool:
+    return name.startswith("_") and not (name.startswith("__") and name.endswith("__"))
+
+
+def defined_private_names(trees) -> set[str]:
+    """Underscore names the project defines: functions, classes, assigned names and attributes
+    it assigns (``self._x = ...``, ``cls._x = ...``, ``obj._x = ...``)."""
+    names = set()
+    for tree in trees:
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                names.add(node.name)
+            elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+                names.add(node.id)
+            elif isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store):
+                names.add(node.attr)
+    return {name for name in names if is_private(name)}
+
+
+def nnsight_internal_uses(tree, own: set[str]) -> list[str]:
+    """``"line: what"`` for every reach into nnsight's internals in a parsed file (code only:
+    comments and strings do not count); ``own``: the project's own underscore names."""
+    imports_nnsight = any(
+        isinstance(node, ast.Import) and any(a.name.split(".")[0] == "nnsight" for a in node.names)
+        or isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "nnsight"
+        for node in ast.walk(tree))
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute):
+            name = node.attr
+            internal = name in NNSIGHT_INTERNALS or name.startswith(NNSIGHT_INTERNAL_PREFIXES)
+            owner = node.value.id if isinstance(node.value, ast.Name) else None
+            foreign = (imports_nnsight and is_private(name) and owner not in ("self", "cls")
+                       and name not in own and name not in FOREIGN_PRIVATE)
+            if internal or foreign:
+                found.append(f"{node.lineno}: .{name}")
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            modules = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""]
+            names = [a.name for a in node.names] if isinstance(node, ast.ImportFrom) else []
+            if set(modules) & NNSIGHT_INTERNAL_MODULES or (
+                    modules[0].split(".")[0] == "nnsight" and any(map(is_private, names))):
+                found.append(f"{node.lineno}: import of {', '.join(modules)}")
+    return found
+
+
+def test_nnsights_internals_are_used_only_in_nnsight_internals():
     home = ROOT / "interventions" / "nnsight_internals.py"
-    files = sorted((ROOT / "interventions").rglob("*.py")) + sorted((ROOT / "tests").glob("*.py"))
-    elsewhere = {str(f.relative_to(ROOT)): private_uses(f) for f in files if f != home}
+    trees = {path: ast.parse(path.read_text(), str(path)) for path in scanned_files()}
+    own = defined_private_names(trees.values())
+    assert FOREIGN_PRIVATE.keys().isdisjoint(own)  # else it needs no exception
+    elsewhere = {str(path.relative_to(ROOT)): nnsight_internal_uses(tree, own)
+                 for path, tree in trees.items() if path != home}
     assert {f: uses for f, uses in elsewhere.items() if uses} == {}
-    at_home = " ".join(private_uses(home))
-    for name in (".current", "._module", "._remoteable_persistent_objects", "SOURCES",
-                 "import _saves", "import inc"):
+    at_home = " ".join(nnsight_internal_uses(trees[home], own))
+    for name in (".current", "._module", "._remoteable_persistent_objects", ".interleaver",
+                 ".f_locals", "._ID_CACHE", "import of nnsight.tracing.globals"):
         assert name in at_home  # the scan sees them where they are
+
+
+def test_the_nnsight_guard_catches_a_new_use():
+    own = {"_inputs", "_assemble"}
+    clean = ("import nnsight\n"
+             "class Tool:\n"
+             "    def run(self, executor, config):\n"
+             "        self._cache = executor._inputs, executor._assemble\n"
+             "        return config._attn_implementation, model.__class__\n")
+    assert nnsight_internal_uses(ast.parse(clean), own) == []
+    new = clean + ("def reach(lm, tracer):\n"
+                   "    lm._envoy_cache.clear()\n"  # an underscore name nnsight has, new here
+                   "    return tracer.info.frame.f_locals, lm.interleaver.mediators\n"
+                   "from nnsight.intervention.envoy import _private\n"
+                   "from nnsight.tracing.globals import Globals\n")
+    assert sorted(nnsight_internal_uses(ast.parse(new), own)) == [
+        "10: import of nnsight.tracing.globals", "7: ._envoy_cache", "8: .f_locals",
+        "8: .interleaver", "8: .mediators", "9: import of nnsight.intervention.envoy"]
+    # Without an nnsight import, an underscore attribute is another library's business.
+    assert sorted(nnsight_internal_uses(ast.parse(new.replace("import nnsight\n", "")
+                                                  .replace("from nnsight", "from other")),
+                                        own)) == ["7: .f_locals", "7: .interleaver", "7: .mediators"]
 
 
 def test_self_check_bounds_follow_the_dtype():

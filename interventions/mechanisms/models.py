@@ -183,7 +183,7 @@ def load_model(spec: str = DEFAULT_MODEL, *, dtype: str = "auto", device: str = 
     check_attention(attn_implementation)  # before any loading
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
-    source, location = _locate(spec)
+    source, location = locate_model(spec)
 
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -192,7 +192,7 @@ def load_model(spec: str = DEFAULT_MODEL, *, dtype: str = "auto", device: str = 
     try:
         config = AutoConfig.from_pretrained(path, revision=revision)
     except OSError as err:
-        raise UserError(f"cannot load model {spec!r}: {_first_line(err)}") from None
+        raise UserError(f"cannot load model {spec!r}: {first_line(err)}") from None
     adapter, attn_implementation = architecture_and_attention(config, attn_implementation)
 
     kwargs = dict(dtype=torch_dtype, attn_implementation=attn_implementation, revision=revision)
@@ -211,7 +211,7 @@ def load_model(spec: str = DEFAULT_MODEL, *, dtype: str = "auto", device: str = 
         source=source,
         model_id=_model_id(spec, source, config),
         revision=getattr(config, "_commit_hash", None) if source == "hub" else None,
-        weights_sha256=None if source == "hub" else _weights_sha256(Path(location)),
+        weights_sha256=None if source == "hub" else weights_sha256(Path(location)),
         architecture=config.model_type,
         n_layers=len(adapter.layer_modules(hf)),
         dtype=str(torch_dtype).removeprefix("torch."),
@@ -282,8 +282,14 @@ def smollm2_gguf_path() -> Path:
     return path
 
 
-def _locate(spec: str) -> tuple[str, str]:
-    """``(source, location)``: the GGUF file, checkpoint directory or Hub id behind a spec."""
+def locate_model(spec: str) -> tuple[str, str]:
+    """Where a model spec points, without loading anything: ``(source, location)``.
+
+    ``source`` is ``"embedded"`` (the default model: ``location`` its GGUF file), ``"gguf"`` (a
+    ``.gguf`` file), ``"local"`` (a checkpoint directory with a ``config.json``) or ``"hub"`` (a
+    Hub id, ``location`` the id). A path that does not exist, a file that is not GGUF or a
+    directory without ``config.json`` raises :class:`UserError`.
+    """
     if spec == DEFAULT_MODEL:
         return "embedded", str(smollm2_gguf_path())
     path = Path(spec).expanduser()
@@ -319,7 +325,7 @@ def _gguf_to_safetensors(gguf: Path) -> str:
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    target = cache_dir() / "models" / f"{gguf.stem}-{_weights_sha256(gguf)[:16]}"
+    target = cache_dir() / "models" / f"{gguf.stem}-{weights_sha256(gguf)[:16]}"
     if (target / "config.json").is_file():
         return str(target)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -347,8 +353,10 @@ def _gguf_to_safetensors(gguf: Path) -> str:
     return str(target)
 
 
-def _weights_sha256(path: Path) -> str:
-    """sha256 over a weight file, or over every weight file of a directory (sorted by name).
+def weights_sha256(path: Path) -> str:
+    """The hex sha256 identifying a checkpoint: over a weight file, or over every weight file of
+    a directory (``*.safetensors``, ``*.bin``, ``*.gguf``, ``*.pt`` and ``config.json``, sorted by
+    name, each name and content).
 
     Hashes are cached by (path, size, mtime) because checkpoints can be many GB.
     """
@@ -391,6 +399,8 @@ def _state_sha256(module: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
-def _first_line(err: BaseException) -> str:
+def first_line(err: BaseException) -> str:
+    """The first line of an exception's message (its type's name when it has none): what a
+    one-line ``error:`` quotes of a library's multi-line error."""
     text = str(err).strip()
     return text.splitlines()[0] if text else type(err).__name__

@@ -288,8 +288,7 @@ def apply_rules(sites, rules, replace_layer=None, replacement=None, real=None):
             # Where the model passed no mask (sdpa without padding), an edit of ``None`` cannot be
             # spliced into one invoke's rows: the first invoke to edit it writes a whole-batch
             # mask (plain causal on the other invokes' rows), which later invokes edit row-wise.
-            rows = (current_batch_group(sites.root.interleaver)
-                    if existing is None else None)
+            rows = current_batch_group(sites.root) if existing is None else None
             if rows is not None:
                 start, total = rows
                 whole = torch.ones(total, allow.shape[-1], dtype=torch.bool, device=allow.device)

@@ -149,6 +149,10 @@ def _load(cfg: JobConfig):
             print(f"[af1] note: {note}", flush=True)
         return load_remote_model(cfg.model, revision=cfg.revision,
                                  attn_implementation=cfg.attn_implementation), check
+    if cfg.remote and not cfg.dry_run:  # --remote-backend local: NDIF's code plays the server
+        from ..executors.remote.transport import require_ndif
+
+        require_ndif()
     return load_model(cfg.model, dtype=cfg.dtype, device=cfg.device,
                       attn_implementation=cfg.attn_implementation, revision=cfg.revision), None
 

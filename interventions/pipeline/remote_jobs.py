@@ -59,7 +59,7 @@ def max_request_bytes(cfg) -> int:
 def dry_run(job: Job, main_runs, extra_runs, plans, fixed_config) -> str:
     """The remote requests the job would send, with their sizes and the preflight's outcome;
     writes and sends nothing. The plan (a ``RemotePlan``) is kept as ``job.remote_plan``."""
-    from ..executors.remote.dryrun import PlannedTask, plan_remote_job
+    from ..executors.remote.dryrun import PlannedTask, measure_remote_job
     from ..mechanisms.cama import cama_cache_path
     from .results import read_results
 
@@ -86,11 +86,11 @@ def dry_run(job: Job, main_runs, extra_runs, plans, fixed_config) -> str:
         build = sorted(needed | have) if not needed <= have else []
         have.update(build)
         tasks.append(PlannedTask(run.label, run.prompts, [c.intervention for c in todo],
-                                 build, clean=first))
-    plan = plan_remote_job(job.model, tasks, batch_size=job.cfg.batch_size,
-                           cells_per_request=job.cfg.cells_per_request,
-                           max_request_bytes=max_request_bytes(job.cfg),
-                           self_check_prompts=main_runs[0].dataset["prompt"])
+                                 build, clean=first, answer_ids=run.answers, groups=run.groups))
+    plan = measure_remote_job(job.model, tasks, batch_size=job.cfg.batch_size,
+                              cells_per_request=job.cfg.cells_per_request,
+                              max_request_bytes=max_request_bytes(job.cfg),
+                              self_check_prompts=main_runs[0].dataset["prompt"])
     job.remote_plan = plan
     preflight = ("not needed (--remote-backend local: the server is this process)"
                  if job.preflight is None else job.preflight.summary)

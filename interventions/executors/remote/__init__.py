@@ -28,10 +28,11 @@ saves. This package packs AF1's work into few, small requests:
   manifest.
 
 ``backend="local"`` runs every request through the same client path, but the server is this
-machine running NDIF's own code (``ndif_server.py``; the ``ndif`` package, when installed, a
-stand-in otherwise) with this package unimportable, as on NDIF: by default the path an ordinary
-key takes there, NDIF's sandbox (the block in a runner process, the forward pass here), or the
-trusted in-process path. This is the offline test of everything here. Before anything is sent, ``preflight.py`` checks the key, versions and the hosted model;
-``dryrun.py`` plans a job's requests without sending them; ``audit.py`` lists what a request
-makes the server import.
+machine running NDIF's own code (``ndif_server.py``; the ``ndif`` package, required for it)
+with this package unimportable, as on NDIF: by default the path an ordinary key takes there,
+NDIF's sandbox (the block in a runner process, the forward pass here), or the trusted in-process
+path. This is the offline test of everything here. Before anything is sent, ``preflight.py``
+checks the key, versions and the hosted model; ``dryrun.py`` runs a job's requests through the
+executor with a transport that measures them and sends nothing; ``audit.py`` lists what a
+request makes the server import.
 """

@@ -99,7 +99,7 @@ class RemoteStats:
     host: str | None
     compress: bool
     model_key: str | None = None  # the deployment NDIF was asked for (repo, revision, task)
-    server_code: str | None = None  # offline: "ndif <version>" or "stand-in"
+    server_code: str | None = None  # offline: "ndif <version>"
     server_path: str | None = None  # "sandbox" (an ordinary key) or "trusted"; None: unknown
     max_request_bytes: int | None = None  # the byte budget at the end (lowered by HTTP 413)
     refused_too_large: int = 0  # requests NDIF refused with HTTP 413 (then split)
@@ -266,15 +266,18 @@ class RemoteClient:
         return min(cap, max(delay, asked)) if asked is not None else delay
 
     def backend(self, kind: str, label: str, key: str | None = None, cells: int = 0,
-                traces: int = 1, submit_only: bool = False) -> "SessionBackend":
+                traces: int = 1, submit_only: bool = False, saves: dict | None = None
+                ) -> "SessionBackend":
         """An nnsight backend that sends each block it is given as one request of this client:
         ``with model.lm.session(backend=client.backend(...)):`` or ``model.lm.trace(...,
         backend=...)``. Saved values come back into the caller's frame, as with ``remote=True``.
 
         ``key`` (see :class:`RequestLedger`) names the request's content for the ledger; without
         one the request is never reused. ``cells``/``traces`` are recorded in the stats.
+        ``saves`` declares the result's layout (name -> ``(shape, dtype)``): a transport that
+        answers without a server (``dryrun.MeasuringTransport``) answers with zeros of it.
         """
-        return SessionBackend(self, kind, label, key, cells, traces, submit_only)
+        return SessionBackend(self, kind, label, key, cells, traces, submit_only, saves)
 
     # -- limits
 
@@ -375,8 +378,9 @@ class RemoteClient:
     # -- delivery
 
     def deliver(self, blob: bytes, kind: str, label: str, key: str | None, cells: int,
-                traces: int) -> tuple[bytes, bool]:
-        """Send ``blob`` (with retries) or reuse its ledger result.
+                traces: int, saves: dict | None = None) -> tuple[bytes, bool]:
+        """Send ``blob`` (with retries) or reuse its ledger result (``saves``: see
+        :meth:`backend`).
 
         Returns ``(content, compress)``: the result blob as received and how it is encoded.
         """
@@ -389,6 +393,9 @@ class RemoteClient:
             return reused
         size = self.check_size(blob, label)
         self.check_traces(traces, label)
+        expect = getattr(self.transport, "expect", None)
+        if expect is not None:  # a transport that answers from the declared layout
+            expect(saves)
         started = time.time()
         uploads = attempts = 0
         failures = {"busy": 0, "other": 0}
@@ -575,7 +582,7 @@ class SessionBackend(Backend):
     """
 
     def __init__(self, client: RemoteClient, kind: str, label: str, key: str | None,
-                 cells: int, traces: int, submit_only: bool):
+                 cells: int, traces: int, submit_only: bool, saves: dict | None = None):
         self.client = client
         self.kind = kind
         self.label = label
@@ -583,6 +590,7 @@ class SessionBackend(Backend):
         self.cells = cells
         self.traces = traces
         self.submit_only = submit_only
+        self.saves = saves
         self.result: dict | None = None
         self.job_id: str | None = None
 
@@ -594,7 +602,7 @@ class SessionBackend(Backend):
                                              self.cells, self.traces)
             return None
         content, compress = self.client.deliver(blob, self.kind, self.label, self.key,
-                                                self.cells, self.traces)
+                                                self.cells, self.traces, self.saves)
         self.result = decode_result(content, compress)
         internals.return_saves(tracer, self.result)
         return self.result

@@ -1,31 +1,29 @@
-"""The dry run: every request a remote job would send, with its size; nothing is sent.
+"""The dry run: the remote executor itself, with a transport that measures and sends nothing.
 
-:func:`plan_remote_job` builds every request exactly as the job would send it (the self-check
-first, then per task its CAMA build and cells, split to fit the byte budget as the client
-splits them; CAMA means replaced by zeros of the same shape and dtype, since the table does not
-exist yet), serializes it, counts its bytes and checks it against the server's import rules.
+:func:`measure_remote_job` does a job's remote work (the self-check, then per task its CAMA build,
+clean pass and cells) through :class:`~.executor.RemoteExecutor` and :class:`~.client.RemoteClient`
+as a run does, so requests are chunked, made and split to the byte budget by the very code that
+sends them. Its transport, :class:`MeasuringTransport`, keeps each request's size (serialized as
+it is sent, uncompressed) and the references the server's import rules would refuse, and answers
+with zeros of the layout the request declares (``saves``, see ``RemoteClient.backend``): a CAMA
+table built in a dry run has zero means of the real shape and dtype.
 """
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
-from nnsight.schema.request import RequestModel
-from nnsight.tracing.backend import Backend
 
-from ...mechanisms.cama import position_mean_keys, table_keys
-from ...mechanisms.plan import AF1Plan, Intervention, as_intervention
-from ...mechanisms.traced import CamaLayer
+from ...mechanisms.cama import build_cama_table
+from ...mechanisms.plan import AF1Plan, Intervention, as_intervention, table_layers
 from .audit import audit_request
-from .client import (DEFAULT_CELLS_PER_REQUEST, DEFAULT_MAX_REQUEST_BYTES, RequestTooLarge,
+from .client import (DEFAULT_CELLS_PER_REQUEST, DEFAULT_MAX_REQUEST_BYTES, RemoteClient,
                      format_bytes)
-from .executor import (cells_session, chunk_cells, range_label, residual_sums_session,
-                       split_to_fit)
-from .selfcheck import CHECKS as SELF_CHECKS
-from .selfcheck import send_self_check
-from .transport import encode_result
+from .executor import RemoteExecutor
+from .selfcheck import run_self_check
 
 
 @dataclass
@@ -34,7 +32,8 @@ class PlannedTask:
 
     Attributes:
         label: e.g. ``"A+B-calculate"``.
-        prompts: the data set's prompts.
+        prompts: the data set's prompts; answer_ids: ``(N,)`` their answer tokens (default:
+            zeros: the same bytes); groups: ``(N,)`` CAMA groups, or ``None``.
         cells: plans or interventions still to evaluate, in order.
         cama_layers: layers of a CAMA table to build on NDIF (empty when the table is cached or
             no cell needs one).
@@ -47,6 +46,8 @@ class PlannedTask:
     cells: Sequence[AF1Plan | Intervention] = ()
     cama_layers: Sequence[int] = ()
     clean: bool = True
+    answer_ids: Sequence[int] | None = None
+    groups: Sequence[int] | None = None
 
 
 @dataclass
@@ -115,136 +116,119 @@ class RemotePlan:
         return "\n".join(lines)
 
 
-class _Capture(Backend):
-    """Serializes the block as a request would carry it, and runs nothing; a request over the
-    byte budget raises :class:`RequestTooLarge`, as the client does before sending."""
-
-    def __init__(self, label: str = "request", max_request_bytes: int | None = None):
-        self.label = label
-        self.max_request_bytes = max_request_bytes
-        self.blob = b""
-
-    def __call__(self, tracer) -> None:
-        self.blob = RequestModel.serialize(tracer, compress=False)
-        if self.max_request_bytes is not None and len(self.blob) > self.max_request_bytes:
-            raise RequestTooLarge(self.label, len(self.blob), self.max_request_bytes)
+def encode_result(result: dict) -> bytes:
+    """A result blob as the server sends it uncompressed: ``torch.save`` of the saved values."""
+    buffer = io.BytesIO()
+    torch.save(result, buffer, pickle_protocol=4)
+    return buffer.getvalue()
 
 
-def _result_bytes(**shapes: tuple[tuple[int, ...], torch.dtype]) -> int:
-    """Bytes of a result blob holding tensors of these shapes: their data plus the container
-    (measured on empty tensors, so nothing large is built)."""
-    empty = {name: torch.zeros(0, dtype=dtype) for name, (_, dtype) in shapes.items()}
+def result_bytes(layout: dict) -> int:
+    """Bytes of a result blob holding tensors of ``layout`` (name -> ``(shape, dtype)``): their
+    data plus the container (measured on empty tensors, so nothing large is built)."""
+    empty = {name: torch.zeros(0, dtype=dtype) for name, (_, dtype) in layout.items()}
     data = sum(torch.Size(shape).numel() * torch.zeros((), dtype=dtype).element_size()
-               for shape, dtype in shapes.values())
-    return len(encode_result({"result": empty}, compress=False)) + data
+               for shape, dtype in layout.values())
+    return len(encode_result({"result": empty})) + data
 
 
-def plan_remote_job(model, tasks: Sequence[PlannedTask], batch_size: int = 32,
-                    cells_per_request: int = DEFAULT_CELLS_PER_REQUEST,
-                    cama_batches_per_request: int | None = None,
-                    max_request_bytes: int | None = DEFAULT_MAX_REQUEST_BYTES,
-                    self_check_prompts: Sequence[str] | None = None) -> RemotePlan:
+@dataclass
+class Measured:
+    """What :class:`MeasuringTransport` saw of one request."""
+
+    task: str
+    bytes_down: int
+    violations: list[str]
+
+
+class MeasuringTransport:
+    """A transport that sends nothing: it measures each request and answers with zeros of the
+    layout the request declares (stride-0 tensors: nothing large travels or is stored).
+
+    ``task`` labels the requests that follow (the caller sets it); ``measured`` holds one
+    :class:`Measured` per request, in the order of the client's ``stats.requests``.
+    """
+
+    name = "dry-run"
+    host = None
+
+    def __init__(self):
+        self.task = "-"
+        self.measured: list[Measured] = []
+        self._layout: dict = {}
+
+    def expect(self, layout: dict | None) -> None:
+        """The layout (name -> ``(shape, dtype)``) of the next request's result."""
+        self._layout = dict(layout or {})
+
+    def send(self, blob: bytes, compress: bool) -> tuple[bytes, None]:
+        if compress:
+            raise ValueError("a dry run measures requests uncompressed (compress=False)")
+        self.measured.append(Measured(self.task, result_bytes(self._layout),
+                                      audit_request(blob).violations))
+        zeros = {name: torch.zeros((), dtype=dtype).expand(shape)
+                 for name, (shape, dtype) in self._layout.items()}
+        return encode_result({"result": zeros}), None
+
+
+def _zero_sums(model, encodings, layers, keys, progress=True, groups=None) -> torch.Tensor:
+    """A CAMA runner without requests: zero sums (a cached table's stand-in in a dry run)."""
+    hidden = model.hf.config.get_text_config().hidden_size
+    return torch.zeros(len(layers), len(keys), hidden, dtype=torch.float64)
+
+
+def measure_remote_job(model, tasks: Sequence[PlannedTask], batch_size: int = 32,
+                       cells_per_request: int = DEFAULT_CELLS_PER_REQUEST,
+                       cama_batches_per_request: int | None = None,
+                       max_request_bytes: int | None = DEFAULT_MAX_REQUEST_BYTES,
+                       self_check_prompts: Sequence[str] | None = None) -> RemotePlan:
     """The requests a remote job would send, with their sizes; sends nothing.
 
-    Requests are made exactly as the job makes them: the self-check first (on
-    ``self_check_prompts``, when given), then per task its CAMA build and cells, chunked as
-    :class:`RemoteExecutor` and the remote CAMA runner chunk them and split in halves until
-    each fits ``max_request_bytes``. Each request is serialized here (so its upload size is the
-    real one before compression, to a few bytes of pickling bookkeeping, and it is checked
-    against the server's import rules); CAMA means, which do not exist before the table is
-    built, travel as zeros of their shape and the model's dtype. Downloads are the sizes of the
-    tensors the request saves plus the result container: ``(len(layers), K, D)`` float32 sums
-    for a CAMA build (``K``: the data set's CAMA keys), int32 ids and float32
-    answer logits, log-probabilities and KL per prompt and configuration.
+    The work runs as in a job: the self-check first (on ``self_check_prompts``, when given),
+    then per task its CAMA build (``cama_layers``, through ``RemoteExecutor.cama_runner``, which
+    also carries the clean predictions), its clean pass (when ``clean`` and not yet carried) and
+    its cells (``RemoteExecutor.run_many``), one executor per task label, through a client whose
+    transport is a :class:`MeasuringTransport`. Uploads are the requests' real sizes before
+    compression; downloads are the sizes of the tensors each request saves plus the result
+    container: ``(len(layers), K, D)`` float32 sums for a CAMA build (``K``: the data set's
+    CAMA keys), int32 ids and float32 answer logits, log-probabilities and KL per prompt and
+    configuration. Cells that need a table no task here builds (a cached one) get a table of
+    zeros of its keys, made without a request.
     """
-    n_layers = model.n_layers
-    hidden = model.hf.config.get_text_config().hidden_size
-    dtype = getattr(torch, model.identity.dtype)
-    lm, sites = model.lm, model.sites
-    requests: list[PlannedRequest] = []
-
-    def capture(label, session, *args) -> _Capture:
-        backend = _Capture(label, max_request_bytes)
-        session(lm, sites, backend, *args)
-        return backend
-
-    def add(kind, task, cells, traces, captured, down):
-        requests.append(PlannedRequest(kind, task, captured.label, cells, traces,
-                                       len(captured.blob), down,
-                                       audit_request(captured.blob).violations))
-
+    transport = MeasuringTransport()
+    client = RemoteClient(model, transport=transport, compress=False,
+                          max_request_bytes=max_request_bytes, log=lambda message: None)
     if self_check_prompts is not None:
-        backend = _Capture("self-check", max_request_bytes)
-        send_self_check(model, self_check_prompts, backend)
-        add("selfcheck", "-", 0, 4, backend,
-            _result_bytes(**{name: ((), torch.float32) for name, *_ in SELF_CHECKS}))
+        run_self_check(client, model, self_check_prompts)  # answered with zeros: no verdict
+    executors: dict[str, RemoteExecutor] = {}
+    tables: dict = {}
     for task in tasks:
-        encoded = model.encode_batches(list(task.prompts), batch_size)
-        encodings = [enc for _, enc in encoded]
-        n_prompts = len(task.prompts)
-        answers = [torch.zeros(len(indices), dtype=torch.long) for indices, _ in encoded]
-        keys, _ = table_keys(encodings)
-        clean_pending = task.clean
-
+        transport.task = task.label
+        executor = executors.get(task.label)
+        if executor is None:
+            answers = [0] * len(task.prompts) if task.answer_ids is None else task.answer_ids
+            executor = executors[task.label] = RemoteExecutor(
+                model, list(task.prompts), answers, batch_size=batch_size,
+                cells_per_request=cells_per_request, client=client, groups=task.groups)
         if task.cama_layers:
-            layers = sorted(int(k) for k in task.cama_layers)
-            size = cama_batches_per_request or len(encodings)
-            batches = list(zip(encodings, answers if clean_pending else [None] * len(encodings)))
-            for first in range(0, len(batches), size):
-                def send_sums(part, start, first=first):
-                    label = range_label("CAMA sums, batches", first + start, len(part),
-                                        len(batches))
-                    return capture(label, residual_sums_session, part, layers, keys, hidden)
-
-                for part, captured in split_to_fit(batches[first:first + size], send_sums,
-                                                   "batch"):
-                    n = sum(len(enc["input_ids"]) for enc, _ in part)
-                    shapes = {"residual_sums": ((len(layers), len(keys), hidden),
-                                                torch.float32)}
-                    if clean_pending:
-                        shapes.update(pred_ids=((n,), torch.int32),
-                                      answer_logits=((n,), torch.float32),
-                                      answer_logprobs=((n,), torch.float32))
-                    add("cama", task.label, 0, len(part), captured, _result_bytes(**shapes))
-            clean_pending = False
-        batches = list(zip(encodings, answers))
-        if clean_pending:
-            captured = capture("full model", cells_session, [(None, None)], batches)
-            add("clean", task.label, 1, len(batches), captured,
-                _result_bytes(pred_ids=((n_prompts,), torch.int32),
-                              answer_logits=((n_prompts,), torch.float32),
-                              answer_logprobs=((n_prompts,), torch.float32)))
-        items = [(None, as_intervention(c, n_layers), None) for c in task.cells]
-        shared_keys = {"cama": keys,
-                       "position_mean": position_mean_keys(keys)[0]}
-        first = 0
-        for chunk in chunk_cells(items, cells_per_request):
-            def send_cells(part, start, first=first):
-                placeholders: dict = {}  # each request uploads its own layers, once
-                cells = []
-                for _, intervention, _ in part:
-                    cama = None
-                    if intervention.needs_table:
-                        ident = (intervention.replacement, intervention.replace_layer)
-                        if ident not in placeholders:
-                            k = shared_keys[intervention.replacement]
-                            placeholders[ident] = CamaLayer(
-                                intervention.replace_layer, k,
-                                torch.zeros(len(k), hidden, dtype=dtype),
-                                intervention.replacement)
-                        cama = placeholders[ident]
-                    cells.append((intervention, cama))
-                label = range_label("cells", first + start, len(part), len(items))
-                return capture(label, cells_session, cells, batches)
-
-            for part, captured in split_to_fit(chunk, send_cells, "configuration"):
-                n = len(part) * n_prompts
-                # + a clean pass per batch, the reference of the cells' KL (steps.cell_traces)
-                add("cells", task.label, len(part), (len(part) + 1) * len(batches), captured,
-                    _result_bytes(pred_ids=((n,), torch.int32),
-                                  answer_logits=((n,), torch.float32),
-                                  answer_logprobs=((n,), torch.float32),
-                                  kl=((n,), torch.float32)))
-            first += len(chunk)
-    return RemotePlan(model.identity.model_id, n_layers, model.identity.dtype, batch_size,
+            tables[task.label] = build_cama_table(
+                model, list(task.prompts), "dry run", task.cama_layers, batch_size,
+                progress=False, runner=executor.cama_runner(cama_batches_per_request),
+                groups=task.groups)
+        if task.clean:
+            executor.clean()
+        interventions = [as_intervention(c, model.n_layers) for c in task.cells]
+        needed = table_layers(interventions)
+        table = tables.get(task.label)
+        if needed and (table is None or not needed <= set(table.layers)):
+            table = tables[task.label] = build_cama_table(
+                model, list(task.prompts), "dry run", sorted(needed), batch_size,
+                progress=False, runner=_zero_sums, groups=task.groups)
+        for _ in executor.run_many((None, iv, table.for_intervention(iv) if iv.needs_table
+                                    else None) for iv in interventions):
+            pass
+    requests = [PlannedRequest(r.kind, m.task, r.label, r.cells, r.traces, r.bytes_up,
+                               m.bytes_down, m.violations)
+                for r, m in zip(client.stats.requests, transport.measured, strict=True)]
+    return RemotePlan(model.identity.model_id, model.n_layers, model.identity.dtype, batch_size,
                       cells_per_request, requests, max_request_bytes)

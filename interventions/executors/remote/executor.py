@@ -94,6 +94,17 @@ def residual_sums_session(lm, sites, backend, batches, layers, keys, hidden, gro
                                      predictions_finish, state))
 
 
+def predictions_layout(n: int, kl: bool) -> dict:
+    """What a request saves for ``n`` (configuration, prompt) pairs, name -> ``(shape, dtype)``
+    (see ``RemoteClient.backend``): ids, answer logits and log-probabilities, and with ``kl``
+    the KL from the clean pass."""
+    layout = {"pred_ids": ((n,), torch.int32), "answer_logits": ((n,), torch.float32),
+              "answer_logprobs": ((n,), torch.float32)}
+    if kl:
+        layout["kl"] = ((n,), torch.float32)
+    return layout
+
+
 def range_label(noun: str, start: int, n: int, total: int) -> str:
     """``"cells 33-64 of 114"``: items ``start .. start+n-1`` (0-based) of ``total``."""
     return f"{noun} {start + 1}-{start + n} of {total}"
@@ -203,7 +214,11 @@ class _RemoteCamaRunner:
             if part_groups is not None:  # keys of ungrouped requests stay as they were
                 content.append(_groups_digest(part_groups))
             key = _request_key(model, "cama", content)
-            backend = self.client.backend("cama", label, key, traces=len(part))
+            saves = {"residual_sums": (tuple(total.shape), torch.float32)}
+            if self.answer_ids is not None:  # the clean predictions ride along
+                saves.update(predictions_layout(sum(len(e["input_ids"]) for e, _ in inputs),
+                                                kl=False))
+            backend = self.client.backend("cama", label, key, traces=len(part), saves=saves)
             return residual_sums_session(model.lm, model.sites, backend, inputs, layers, keys,
                                          hidden, part_groups)
 
@@ -251,7 +266,7 @@ def chunk_cells(items: Sequence, cells_per_request: int) -> list[list]:
 
 
 class RemoteExecutor:
-    """Evaluates interventions on one data set through NDIF (or the local stand-in), with the
+    """Evaluates interventions on one data set through NDIF (or NDIF's code run here), with the
     :class:`interventions.NnsightExecutor` interface.
 
     Args:
@@ -396,7 +411,9 @@ class RemoteExecutor:
         reference = any(iv is not None for iv, _ in cells)  # a clean pass per batch (KL)
         backend = self.client.backend(kind, label, key, cells=len(cells),
                                       traces=(len(cells) + reference) * len(self._inputs),
-                                      submit_only=submit_only)
+                                      submit_only=submit_only,
+                                      saves=predictions_layout(len(cells) * self.n_prompts,
+                                                               kl=reference))
         result = cells_session(self.model.lm, self.model.sites, backend, cells, self._inputs,
                                self._groups)
         if submit_only:
@@ -456,13 +473,13 @@ def load_remote_model(spec: str, *, revision: str | None = None, dtype: str = "b
     from transformers import AutoConfig, AutoTokenizer
 
     from ...mechanisms.adapters import check_attention
-    from ...mechanisms.models import (DTYPES, AF1Model, ModelIdentity, _first_line, _locate,
-                                      _weights_sha256, architecture_and_attention, left_padding)
+    from ...mechanisms.models import (DTYPES, AF1Model, ModelIdentity, architecture_and_attention,
+                                      first_line, left_padding, locate_model, weights_sha256)
 
     check_attention(attn_implementation)
     if dtype not in DTYPES:
         raise UserError(f"unknown dtype {dtype!r}; use {', '.join(DTYPES)}")
-    source, location = _locate(spec)
+    source, location = locate_model(spec)
     if source not in ("hub", "local"):
         raise UserError(f"remote runs need a Hub id (NDIF serves Hub checkpoints), not "
                         f"{spec!r}")
@@ -476,7 +493,7 @@ def load_remote_model(spec: str, *, revision: str | None = None, dtype: str = "b
                                    tokenizer=tokenizer, dtype=DTYPES[dtype],
                                    attn_implementation=attn_implementation)
     except OSError as err:
-        raise UserError(f"cannot load the config of {spec!r}: {_first_line(err)}") from None
+        raise UserError(f"cannot load the config of {spec!r}: {first_line(err)}") from None
     hf = internals.wrapped_module(lm)
     config = hf.config
     left_padding(tokenizer)
@@ -485,7 +502,7 @@ def load_remote_model(spec: str, *, revision: str | None = None, dtype: str = "b
         model_id=spec if source == "hub" else str(Path(location).resolve()),
         revision=(getattr(config, "_commit_hash", None) or revision or "main")
         if source == "hub" else None,
-        weights_sha256=None if source == "hub" else _weights_sha256(Path(location)),
+        weights_sha256=None if source == "hub" else weights_sha256(Path(location)),
         architecture=config.model_type, n_layers=len(adapter.layer_modules(hf)), dtype=dtype,
         device="ndif", attn_implementation=config._attn_implementation)
     return AF1Model(lm, hf, tokenizer, adapter, identity)

@@ -25,6 +25,7 @@ this file and that one by path and runs the very same code.
 from __future__ import annotations
 
 import atexit
+import concurrent.futures
 import contextlib
 import importlib.metadata
 import io
@@ -77,16 +78,24 @@ def ndif_version() -> str | None:
         return None
 
 
+def ndif_missing() -> str | None:
+    """Why NDIF's server code (the ``ndif`` package) cannot be imported; ``None`` when it can."""
+    try:
+        import ndif.services.ray.deployments.modeling.nns  # noqa: F401
+        import ndif.services.ray.sandbox.driver  # noqa: F401
+    except ImportError as err:
+        return str(err)
+    return None
+
+
 def load_server_model(model_key: str, dtype: torch.dtype):
     """The model as NDIF's model actor loads it (``BaseModelDeployment.load_from_disk``): the
-    wrapper class named by the key, dispatched, in ``dtype``, and inference-only (no parameter
-    requires grad)."""
+    wrapper class named by the key, dispatched, in ``dtype`` (:class:`ModelActor` makes it
+    inference-only)."""
     from nnsight.modeling.huggingface import HuggingFaceModel
 
-    model = HuggingFaceModel.from_model_key(model_key, dispatch=True,
-                                            dtype=str(dtype).removeprefix("torch."))
-    internals.wrapped_module(model).requires_grad_(False)
-    return model
+    return HuggingFaceModel.from_model_key(model_key, dispatch=True,
+                                           dtype=str(dtype).removeprefix("torch."))
 
 
 def runner_python(directory: Path, roots: set[str]) -> str:
@@ -105,8 +114,13 @@ class ModelActor:
     """NDIF's model actor without Ray, queue, metrics or object store: runs serialized requests
     against ``lm`` on one of :data:`SERVER_PATHS` and answers as NDIF answers the client.
 
+    The glue between a client and NDIF's code, the one copy: the library's local backend
+    (``transport.LocalTransport``) and the tests' worker process (``tests/remote_worker.py``)
+    both make one (:meth:`load`) and call :meth:`respond`.
+
     Args:
-        lm: the loaded nnsight model (:func:`load_server_model`, or a model of the caller's).
+        lm: the loaded nnsight model (:func:`load_server_model`, or a model of the caller's);
+            made inference-only (no parameter requires grad), as NDIF's actor leaves it.
         path: ``"sandbox"`` (an ordinary key) or ``"trusted"``.
         model_key: what runners build their meta model from (sandbox path; ``None``: module ids
             resolve to ``None`` there, as on a runner started without one).
@@ -124,6 +138,7 @@ class ModelActor:
 
         if path not in SERVER_PATHS:
             raise ValueError(f"server path must be one of {SERVER_PATHS}, got {path!r}")
+        internals.wrapped_module(lm).requires_grad_(False)
         self.lm = lm
         self.path = path
         self.model_key = model_key
@@ -134,6 +149,23 @@ class ModelActor:
         self.version = ndif_version()
         self._rejections = (RequestError, RunnerError)
         self._pool = None
+
+    @classmethod
+    def load(cls, model_key: str, dtype: torch.dtype, path: str = "sandbox", **options
+             ) -> "ModelActor":
+        """An actor serving the model of ``model_key`` loaded as NDIF loads it
+        (:func:`load_server_model`); ``options`` as for the constructor."""
+        return cls(load_server_model(model_key, dtype), path, model_key, **options)
+
+    def respond(self, payload: bytes, compress: bool, env: dict | None) -> bytes:
+        """What the client receives for one request: the result blob (:meth:`run`), run on a
+        fresh thread as NDIF's actor runs each request (nnsight keeps its save set and trace
+        depth per thread), or ``RemoteError`` with the job's ERROR message as NDIF sends it."""
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            try:
+                return pool.submit(self.run, payload, compress, env).result()
+            except Exception as error:  # noqa: BLE001 - a job error, reported as NDIF does
+                raise internals.RemoteError(self.error_text(error)) from error
 
     # -- NDIF's BaseModelDeployment.run / execute / cleanup, minus the actor's world
 
@@ -146,7 +178,7 @@ class ModelActor:
             data = self._sandboxed(payload, compress, env) if self.path == "sandbox" else \
                 self._in_process(payload, compress)
         finally:
-            self.lm.interleaver.cancel()  # BaseModelDeployment.cleanup
+            internals.cancel_interleaving(self.lm)  # BaseModelDeployment.cleanup
         if compress:
             import zstandard
 

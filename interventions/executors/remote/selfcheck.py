@@ -179,8 +179,9 @@ def run_self_check(client, model, prompts, server_transformers: str | None = Non
                         model.identity.dtype, {"client": package_version("transformers"),
                                                "server": server_transformers})
     try:
+        saves = {name: ((), torch.float32) for name, *_ in CHECKS}
         values = send_self_check(model, prompts, client.backend("selfcheck", "self-check",
-                                                                 traces=4))
+                                                                 traces=4, saves=saves))
     except OnDemandRefused:
         raise  # not about the interventions: the model was never loaded
     except RemoteRunError as error:
