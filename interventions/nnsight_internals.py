@@ -30,7 +30,7 @@ import nnsight
 
 # The nnsight CI installs and every test runs with, and the releases the package declares
 # (pyproject.toml): the 0.8 line, whose remote tests passed under each release listed in the
-# README ("Remote runs").
+# docs/remote.md.
 PINNED_NNSIGHT = "0.8.1"
 TESTED_NNSIGHT = ("0.8.0", "0.9")  # >= first, < second
 

@@ -29,6 +29,13 @@ def digit_tok():
     return tiny.digit_tokenizer()
 
 
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    """A 4-layer Llama with the digit tokenizer, saved as a local Hugging Face directory."""
+    return tiny.save_tiny_model("llama", tmp_path_factory.mktemp("tiny-llama"),
+                                tiny.digit_tokenizer())
+
+
 @pytest.fixture(scope="session")
 def number_tok():
     return tiny.number_tokenizer()

@@ -9,20 +9,12 @@ import numpy as np
 import pytest
 
 import run
-import tiny
 from interventions.errors import UserError
 from interventions.pipeline.config import CONVERTED_FLAGS, JobConfig, config_from_args
 from interventions.pipeline.results import read_results
 from tasks import load_task, task_fingerprint
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    """A 4-layer Llama with the digit tokenizer, saved as a local Hugging Face directory."""
-    return tiny.save_tiny_model("llama", tmp_path_factory.mktemp("tiny-llama"),
-                                tiny.digit_tokenizer())
 
 
 def run_cli(capsys, *argv):

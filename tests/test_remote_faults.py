@@ -18,7 +18,6 @@ from interventions.executors.remote.client import RemoteClient, RemoteRunError
 from interventions.executors.remote.executor import RemoteExecutor
 from interventions.executors.remote.faults import (ClientTimeout, ResultExpired,
                                                    deterministic_failure, retryable)
-from interventions.executors.remote.transport import LocalTransport
 
 
 def too_large(url="https://ndif.test/request"):

@@ -11,7 +11,7 @@ One sandbox serves the module (runners are slow to start: each imports torch and
 import numpy as np
 import pytest
 import torch
-from remote_helpers import (N_LAYERS, af1_cells, arithmetic, assert_same, assert_tables_close,
+from remote_helpers import (N_LAYERS, af1_cells, assert_same, assert_tables_close,
                             digit_prompts_with_templates, needs_ndif, quiet_client)
 
 from interventions import AF1Plan, NnsightExecutor, apply_af1, build_cama_table

@@ -31,7 +31,7 @@ from interventions.pipeline.scoring import DataOutcomes, PairingError
 from interventions.pipeline.stats import mcnemar, paired
 from tasks import load_task, task_fingerprint
 from tasks.store import METADATA_FORMAT, make_dataset
-from test_cli import run_cli, tiny_dir  # noqa: F401  (tiny_dir is a fixture)
+from test_cli import run_cli
 from test_stats import mcnemar_by_enumeration, wilson_by_formula
 
 SMALL_GRID = ("--l-wait", "1-3", "--l-transfer", "1")

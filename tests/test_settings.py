@@ -10,7 +10,7 @@ import pytest
 from figures.__main__ import main as figures_main
 from interventions.pipeline.experiments import af1_search
 from interventions.pipeline.results import SETTING_DEFAULTS, read_results, setting_of
-from test_cli import run_cli, tiny_dir  # noqa: F401  (tiny_dir is a fixture)
+from test_cli import run_cli
 from test_stats import wilson_by_formula
 
 GRID = ("--l-wait", "1-2", "--l-transfer", "1")

@@ -5,7 +5,7 @@ is shipped by value with remote requests (registered at the end). Architecture q
 resolved *outside* the trace by :mod:`~interventions.mechanisms.adapters` into a
 :class:`ModelSites`, which travels with the request (its envoys pickle as references to the server's own modules).
 
-Typical use inside a user's own trace (see the README)::
+Typical use inside a user's own trace (see docs/notebook.md)::
 
     with model.lm.trace(prompts):
         apply_af1(model.sites, AF1Plan(l_wait=15, l_transfer=2), cama=table.layer(15))

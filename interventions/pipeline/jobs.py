@@ -26,6 +26,7 @@ search, figures and tables use the current setting's rows.
 from __future__ import annotations
 
 import json
+from functools import partial
 import time
 from pathlib import Path
 
@@ -296,10 +297,7 @@ def _probe(job: Job, runs: list[TaskRun]) -> None:
                 and setting_of(existing) == run.setting):
             return
     t = time.time()
-    backend_for = None
-    if job.client is not None:
-        def backend_for(label):
-            return job.client.backend("probe", label)
+    backend_for = None if job.client is None else partial(job.client.backend, "probe")
     result = partial_result_probe(job.model, run.dataset, batch_size=job.cfg.batch_size,
                                   seed=job.cfg.seed, backend_for=backend_for)
     result.update(task=run.task, style=run.style, dataset_fingerprint=run.fingerprint,
