@@ -673,9 +673,9 @@ def test_an_execution_time_out_splits_the_request_recursively_and_is_recorded(
     client, sleeps = quiet_client(llama, transport)
     original = client.deliver
 
-    def deliver(blob, kind, label, key, n_cells, traces):
+    def deliver(blob, kind, label, key, n_cells, traces, *rest):
         transport.traces = traces
-        return original(blob, kind, label, key, n_cells, traces)
+        return original(blob, kind, label, key, n_cells, traces, *rest)
 
     client.deliver = deliver
     remote = RemoteExecutor(llama, prompts, answers, batch_size=8, cells_per_request=8,
