@@ -2,10 +2,11 @@
 (``run.py --model A,B``).
 
 The comparison is checked against the runs' own rows: the committed gallery run (SmolLM2,
-figures/smollm2) and a second run written here by hand (an 8-layer model, counts chosen here,
+figures/smollm2, searched with --holdout 0.5) and a second run written here by hand (an 8-layer model, counts chosen here,
 rows without intervals so that the Wilson intervals come from the counts). Expected numbers are
-computed here: the chosen cell by the search rule written out, intervals by the Wilson formula
-of test_stats.
+computed here: the chosen cell by the search rule written out (on the gallery's choosing
+prompts, from its predictions and its saved data set's answers), intervals by the Wilson
+formula of test_stats.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import datasets
+import numpy as np
 import pytest
 
 import run
@@ -106,25 +109,38 @@ def test_the_table_holds_each_runs_own_counts_and_intervals(runs, tmp_path):
     gallery_rows = [json.loads(line) for line in (GALLERY / "results.jsonl").open()]
     searches = json.loads((GALLERY / "af1_search.json").read_text())
     for name, search in searches.items():
+        # Recomputed here from the rows' predictions and the saved data set's answers: each
+        # cell's right prompts among those that chose (the search rule written out) and among
+        # the held-out ones (the grade).
+        answers = np.array(datasets.load_from_disk(str(GALLERY / "data" / name))
+                           ["answer_token_id"])
+        held = search["holdout"]
+        select, graded = np.array(held["select_rows"]), np.array(held["eval_rows"])
         sweep = {(r["l_wait"], r["l_transfer"]): r for r in gallery_rows
                  if r["dataset_fingerprint"] == search["dataset_fingerprint"]
                  and all(r[k] == v for k, v in SWEEP.items())}
-        cells = {key: r["faithfulness"] for key, r in sweep.items()
-                 if r["faithfulness"] is not None}
-        key = chosen_by_rule(cells, search["threshold"])
+        right = {key: np.array(r["pred_ids"]) == answers for key, r in sweep.items()}
+        key = chosen_by_rule({k: ok[select].mean() for k, ok in right.items()},
+                             search["threshold"])
         cell = sweep[key]
+        n_held, kept = len(graded), int(right[key][graded].sum())
         line = table[("SmolLM2-135M-Instruct", name)]
         assert line[1] == "sha256 224d0cd3feb3" and line[2] == "30"
         assert line[3] == "float32/sdpa/local/first"
         assert line[5] == share(cell["n_full_correct"], cell["n_prompts"])
         assert line[6] == f"L_wait={key[0]}, L_transfer={key[1]}"
         assert (line[7], line[8]) == (f"{key[0] / 30:.2f}", f"{(key[0] + key[1]) / 30:.2f}")
-        assert line[9] == (share(cell["n_af1_correct_of_full"], cell["n_full_correct"])
-                           + ", in-sample")
-        assert line[10] == "yes"  # every gallery configuration keeps at least 85%
-        assert line[11] == line[12] == "—"  # no continuous measures in these rows
-        assert line[13].startswith(f"{cell['n_prompts']} prompts, {cell['n_full_correct']} "
-                                   "right in full; chosen and graded on the same")
+        assert line[9] == (f"{share(kept, n_held)}, held out; in-sample "
+                           f"{share(cell['n_af1_correct_of_full'], cell['n_full_correct'])}")
+        assert line[10] == ("yes" if kept / n_held >= 0.85 else "no")
+        # The continuous measures are the held-out grade's, as the run wrote them.
+        ratio, ratio_ci = held["answer_prob_ratio"], held["answer_prob_ratio_ci"]
+        assert line[11].endswith(f"ratio {ratio:.3f} [{ratio_ci[0]:.3f}, {ratio_ci[1]:.3f}] "
+                                 "(held out)")
+        kl, kl_ci = held["kl_full_to_af1"], held["kl_full_to_af1_ci"]
+        assert line[12] == f"{kl:.3f} [{kl_ci[0]:.3f}, {kl_ci[1]:.3f}] (held out)"
+        assert line[13] == (f"chosen on {len(select)} prompts, graded on {n_held} others "
+                            f"(fraction {held['fraction']:g}, seed {held['seed']})")
 
     for task in ("A+B", "A-B"):
         cells = {(w, t): right / 16 for (name, w, t), right in OTHER_COUNTS.items()
@@ -179,8 +195,9 @@ def test_held_out_numbers_and_continuous_measures_are_shown_where_the_run_has_th
         "faithfulness_ci": [low, high],
         "af1_vs_full": {"n_full_only": 2, "n_af1_only": 0, "p_value": 0.5}, **measures})
     (gallery / "af1_search.json").write_text(json.dumps(searches))
-    # The ioi task's chosen row carries the measures itself (in-sample).
+    # The ioi task searched in-sample: its chosen row carries the measures itself.
     ioi = searches["ioi-names"]
+    ioi.update(in_sample=True, holdout=None)
     lines = []
     for line in (gallery / "results.jsonl").read_text().splitlines():
         r = json.loads(line)
@@ -189,6 +206,7 @@ def test_held_out_numbers_and_continuous_measures_are_shown_where_the_run_has_th
             r.update(measures)
         lines.append(json.dumps(r))
     (gallery / "results.jsonl").write_text("\n".join(lines) + "\n")
+    (gallery / "af1_search.json").write_text(json.dumps(searches))
 
     compare_runs([gallery, other], tmp_path / "cmp")
     table = table_rows(tmp_path / "cmp" / "compare.md")
@@ -201,9 +219,11 @@ def test_held_out_numbers_and_continuous_measures_are_shown_where_the_run_has_th
     assert held[13] == "chosen on 13 prompts, graded on 13 others (fraction 0.5, seed 0)"
     ioi_line = table[("SmolLM2-135M-Instruct", "ioi-names")]
     assert ioi_line[9] == share(174, 179) + ", in-sample"
-    assert ioi_line[11].endswith("(in-sample)") and ioi_line[12].endswith("(in-sample)")
-    for untouched in (("SmolLM2-135M-Instruct", "capitals-recall"), ("Other-8L", "A+B-calculate")):
-        assert table[untouched][11] == table[untouched][12] == "—"
+    assert ioi_line[11] == ("0.412 [0.350, 0.470] → 0.301 [0.250, 0.360], ratio 0.731 "
+                            "[0.660, 0.800] (in-sample)")
+    assert ioi_line[12] == "0.218 [0.170, 0.270] (in-sample)"
+    assert table[("Other-8L", "A+B-calculate")][11] == "—"  # rows without measures
+    assert table[("Other-8L", "A+B-calculate")][12] == "—"
 
 
 def test_a_directory_that_is_not_a_run_is_refused_in_one_line(runs, tmp_path, capsys):
