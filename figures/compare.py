@@ -26,16 +26,16 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from interventions.pipeline.experiments import af1_search
+from interventions.pipeline.experiments import DEFAULT_THRESHOLD, af1_search
 from interventions.pipeline.results import read_results, setting_label, setting_of
+from interventions.pipeline.scoring import MEASURES as CONTINUOUS  # each with a ``_ci`` twin
 
 from . import compare_plots
-from .render import SWEEP_FILTER, _datasets, _read_json, _select, _share
+from .render import SWEEP_FILTER, _Context, _datasets, _read_json, _select, _share
 
-# The paper's criterion: AF1 keeps at least 85% of the full model's performance.
-PAPER_CRITERION = 0.85
-# The continuous measures a results row may carry (each with a ``_ci`` twin).
-CONTINUOUS = ("answer_prob_full", "answer_prob_af1", "answer_prob_ratio", "kl_full_to_af1")
+# The paper's criterion (AF1 keeps at least 85% of the full model's performance), the search's
+# default threshold.
+PAPER_CRITERION = DEFAULT_THRESHOLD
 MISSING = "—"
 PAPER_REPORTS = [
     "| model | L | AF1 configuration | L_wait/L | (L_wait+L_transfer)/L | faithfulness |",
@@ -140,6 +140,11 @@ class Series:
     rows: list[dict]
     label: str = ""
     entries: list[dict] = field(default_factory=list)  # its rows of compare.md
+    context: _Context | None = None  # names its data sets as the run's own figures do
+
+    def dataset_label(self, task: str, style: str, fingerprint: str) -> str:
+        """The data set's name in its run (``A+B-calculate``, ``A+B-calculate~1a2b3c4d``)."""
+        return self.context.label(task, style, fingerprint)
 
 
 def series_of(runs: list[Run]) -> list[Series]:
@@ -150,7 +155,8 @@ def series_of(runs: list[Run]) -> list[Series]:
         for setting in settings:
             label = run.name + (f" [{setting_label(setting)}]" if len(settings) > 1 else "")
             series.append(Series(run, setting, [r for r in run.rows
-                                                if setting_of(r) == setting], label))
+                                                if setting_of(r) == setting], label,
+                                 context=_Context(run.path, run.rows, run.manifest, setting)))
     return series
 
 
@@ -164,7 +170,7 @@ def table_entry(series: Series, task: str, style: str, fingerprint: str) -> dict
     cells = {(r["l_wait"], r["l_transfer"]): r for r in sweep}
     saved = run.saved_search(fingerprint, series.setting)
     search = saved if (saved.get("l_wait"), saved.get("l_transfer")) in cells else af1_search(
-        sweep, run.manifest.get("config", {}).get("threshold", 0.9),
+        sweep, run.manifest.get("config", {}).get("threshold", DEFAULT_THRESHOLD),
         run.manifest.get("config", {}).get("threshold_on", "point"))
     chosen = cells[(search["l_wait"], search["l_transfer"])]
     holdout = saved.get("holdout") if saved is search else None
@@ -175,7 +181,7 @@ def table_entry(series: Series, task: str, style: str, fingerprint: str) -> dict
         "model": series.label, "model_id": run.model.get("model_id"),
         "revision": run.model.get("revision"), "weights_sha256": run.model.get("weights_sha256"),
         "n_layers": n_layers, "setting": setting_label(series.setting), "run": str(run.path),
-        "task": task, "style": style, "label": f"{task}-{style}", "dataset_fingerprint":
+        "task": task, "style": style, "label": series.dataset_label(task, style, fingerprint), "dataset_fingerprint":
             fingerprint, "template": record.get("template"),
         "operand_range": record.get("operand_range"),
         "n_prompts": chosen["n_prompts"], "n_full_correct": chosen["n_full_correct"],
@@ -297,7 +303,7 @@ def compare_runs(paths, out: str | Path) -> list[Path]:
             rows = [r for r in _select(s.rows, experiment="necessity", dataset_fingerprint=fp)
                     if r["window"] == 1]
             if rows:
-                necessity_tasks.setdefault(f"{task}-{style}", {})[s.label] = (
+                necessity_tasks.setdefault(s.dataset_label(task, style, fp), {})[s.label] = (
                     s.run.n_layers, sorted(rows, key=lambda r: r["layer"]))
     for label, curves in necessity_tasks.items():
         written += compare_plots.necessity_vs_depth(

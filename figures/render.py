@@ -94,6 +94,7 @@ class _Context:
         self.who = (f"{name}, {model.get('n_layers', '?')} layers, "
                     f"{setting_label(setting)} (dtype/attn/backend/answer)")
         self._data: dict[str, DataOutcomes | None] = {}
+        self._searched: dict[tuple[str, str, str], dict] = {}
         self.notes: list[str] = []
 
     def name(self, task: str, style: str, fingerprint: str) -> str:
@@ -111,7 +112,13 @@ class _Context:
     def search(self, task: str, style: str, fingerprint: str) -> dict:
         """The AF1 search of a data set in this setting, from its sweep rows, with the
         threshold, rule and held-out split of the saved search (else the latest run's
-        threshold and rule, in-sample)."""
+        threshold and rule, in-sample); done once per data set."""
+        key = (task, style, fingerprint)
+        if key not in self._searched:
+            self._searched[key] = self._search(task, style, fingerprint)
+        return self._searched[key]
+
+    def _search(self, task: str, style: str, fingerprint: str) -> dict:
         sweep = _select(self.rows, dataset_fingerprint=fingerprint, **SWEEP_FILTER)
         if not sweep:
             return {}

@@ -151,7 +151,6 @@ def _validate_template(template: Any, task: str) -> list[str]:
 
 # The answer contexts in which a number must be one token to count as a single-token number.
 _NUMBER_CONTEXTS = ("Calculate: 1+1=", "The sum of 1 and 1 is ")
-NUMBER_MODES = ("multi", "partial", "digits")
 
 
 def single_token_numbers(tokenizer: "PreTrainedTokenizerBase") -> int:

@@ -17,26 +17,18 @@ from nnsight.intervention.backends.remote import RemoteError
 
 from interventions import AF1Plan
 from interventions.executors.remote.client import RemoteClient
+from interventions.executors.remote.ndif_server import NDIF_INSTALL, ndif_missing
 from interventions.executors.remote.transport import LocalTransport
 from interventions.mechanisms.plan import Intervention
 
 WORKER = Path(__file__).with_name("remote_worker.py")
 N_LAYERS = 4
-NDIF_INSTALL = "pip install --no-deps --ignore-requires-python ndif==0.1.2"
-
-
-def ndif_installed() -> bool:
-    try:
-        import ndif.services.ray.deployments.modeling.nns  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 # Tests of NDIF's own server code. Skipped where it is not installed, except in CI
 # (AF1_REQUIRE_NDIF=1, set by .ci/run), where its absence must fail loudly.
 needs_ndif = pytest.mark.skipif(
-    not ndif_installed() and os.environ.get("AF1_REQUIRE_NDIF") != "1",
+    ndif_missing() is not None and os.environ.get("AF1_REQUIRE_NDIF") != "1",
     reason=f"NDIF's server code is not installed ({NDIF_INSTALL})")
 
 

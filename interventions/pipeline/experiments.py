@@ -274,11 +274,31 @@ def search_task(rows: list[dict], threshold: float, on: str = "point", outcomes=
     ``threshold_0.9``: the configuration that threshold gives (chosen the same way, with its
     numbers and held-out grade) and whether it ``differs``; ``None`` otherwise.
     """
+    # Every cell graded on the prompts that choose, once for both thresholds.
+    graded = None if split is None else [
+        {**row, **outcomes.measure(row, seed, np.asarray(split["select_prompts"]))}
+        for row in rows]
+    result = _search_graded(rows, graded, threshold, on, outcomes, split, seed)
+    key = f"threshold_{ALSO_REPORTED_THRESHOLD:g}"
+    result[key] = None
+    if threshold != ALSO_REPORTED_THRESHOLD:
+        other = _search_graded(rows, graded, ALSO_REPORTED_THRESHOLD, on, outcomes, split, seed)
+        if other["holdout"] is not None:  # the same split: its lists are said once
+            other["holdout"] = {k: v for k, v in other["holdout"].items()
+                                if k not in ("select_prompts", "eval_prompts",
+                                             "select_rows", "eval_rows")}
+        result[key] = {"differs": (other["l_wait"], other["l_transfer"]) !=
+                       (result["l_wait"], result["l_transfer"]), **other}
+    return result
+
+
+def _search_graded(rows: list[dict], graded: list[dict] | None, threshold: float, on: str,
+                   outcomes, split: dict | None, seed: int) -> dict:
+    """:func:`search_task` at one threshold; ``graded``: the rows graded on the prompts that
+    choose (``None`` without ``split``)."""
     if split is None:
         result = {**af1_search(rows, threshold, on), "in_sample": True, "holdout": None}
     else:
-        graded = [{**row, **outcomes.measure(row, seed, np.asarray(split["select_prompts"]))}
-                  for row in rows]
         choice = af1_search(graded, threshold, on)
         chosen = next(r for r in rows if (r["l_wait"], r["l_transfer"]) ==
                       (choice["l_wait"], choice["l_transfer"]))
@@ -294,15 +314,4 @@ def search_task(rows: list[dict], threshold: float, on: str = "point", outcomes=
             "eval_rows": outcomes.rows_of(split["eval_prompts"]),
             "selection": _grade(outcomes, chosen, split["select_prompts"], seed),
             **_grade(outcomes, chosen, split["eval_prompts"], seed)}
-    key = f"threshold_{ALSO_REPORTED_THRESHOLD:g}"
-    result[key] = None
-    if threshold != ALSO_REPORTED_THRESHOLD:
-        other = search_task(rows, ALSO_REPORTED_THRESHOLD, on, outcomes, split, seed)
-        if other["holdout"] is not None:  # the same split: its lists are said once
-            other["holdout"] = {k: v for k, v in other["holdout"].items()
-                                if k not in ("select_prompts", "eval_prompts",
-                                             "select_rows", "eval_rows")}
-        result[key] = {"differs": (other["l_wait"], other["l_transfer"]) !=
-                       (result["l_wait"], result["l_transfer"]),
-                       **{k: v for k, v in other.items() if k != key}}
     return result

@@ -189,7 +189,7 @@ def score(full: Predictions, af1: Predictions, answer_ids: Sequence[int],
 class DataOutcomes:
     """The full model on one evaluated data set, to grade and pair results rows with.
 
-    Made from an executor's clean predictions (:meth:`from_predictions`) or from a saved data set
+    Made from an executor's clean predictions (``TaskRun.outcomes``) or from a saved data set
     (:meth:`from_dataset`); a row is accepted only when it was measured on this data set (its
     ``dataset_fingerprint``) and has one prediction per row of it.
 
@@ -207,11 +207,6 @@ class DataOutcomes:
         self.prompt_of = None if prompt_of is None else np.asarray(prompt_of)
         self.full = prompt_outcomes(full_pred_ids, self.answers, full_logprobs, None,
                                     self.prompt_of)
-
-    @classmethod
-    def from_predictions(cls, fingerprint: str, answers, full: Predictions,
-                         prompt_of=None) -> "DataOutcomes":
-        return cls(fingerprint, answers, full.pred_ids, full.answer_logprobs, prompt_of)
 
     @classmethod
     def from_dataset(cls, dataset) -> "DataOutcomes":

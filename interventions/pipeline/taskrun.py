@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
@@ -249,10 +250,10 @@ class TaskRun:
                 save_task(saved, target)
         return self._full
 
-    @property
+    @cached_property
     def outcomes(self) -> DataOutcomes:
         """The full model on this data set, to grade results rows with (as the saved data
-        set would give them)."""
+        set would give them); built once, from the full model's predictions."""
         return DataOutcomes(self.fingerprint, self.answers, self.full.pred_ids,
                             stored(self.full.answer_logprobs), self.prompt_of)
 
